@@ -1,0 +1,34 @@
+# Set-up, main job and tests on a fresh machine. Everything goes into ./.venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# The main job's output (checkpoints, metrics.json, TensorBoard events, COCO results).
+DEMO_OUT ?= output/demo
+
+.PHONY: venv test demo lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py requirements.txt tools/install_detectron2.py tools/detectron2_pure/_C.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade "pip>=23"
+	$(PY) -m pip install $(TORCH_PINS)
+	$(PY) -m pip install -r requirements.txt
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
+	touch $@
+
+test: venv
+	$(PY) -m ruff check mabn_d2 tools tests
+	$(PY) -m pytest -q -ra tests
+
+demo: venv
+	$(PY) tools/train_net.py --config-file configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml \
+		OUTPUT_DIR $(DEMO_OUT)
+
+lint: venv
+	$(PY) -m ruff check mabn_d2 tools tests
+
+clean:
+	rm -rf $(VENV) output build

@@ -1,0 +1,79 @@
+"""``add_mabn_config``: the ``MODEL.MABN`` config node, and reading it back validated."""
+
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN
+
+from .settings import MABNSettings
+
+__all__ = ["add_mabn_config", "settings_from_cfg"]
+
+_DEFAULTS = MABNSettings()
+
+
+def add_mabn_config(cfg: CN) -> CN:
+    """Add ``MODEL.MABN`` with the paper's defaults to ``cfg`` (in place; returns ``cfg``).
+
+    Keys already present are kept, so calling it twice does not undo a merge.
+
+    * ``EPS`` (1e-5): added to the second moment.
+    * ``MOMENTUM`` (0.02): weight of the newest value in the running second moment.
+    * ``BUFFER_SIZE`` (16): number of recent batch statistics in the moving averages.
+    * ``WARMUP_ITERS`` (100): use batch statistics before this iteration.
+    * ``RENORM_START_ITER`` (1000): start batch renormalisation after this iteration.
+    * ``RENORM_CLIP`` (5.0): clip of the renorm factor.
+    * ``CENTRALIZE_WEIGHTS`` (True): convs that feed MABN use centralized weights.
+    """
+    if "MABN" not in cfg.MODEL:
+        cfg.MODEL.MABN = CN()
+    node = cfg.MODEL.MABN
+    defaults = {
+        "EPS": _DEFAULTS.eps,
+        "MOMENTUM": _DEFAULTS.momentum,
+        "BUFFER_SIZE": _DEFAULTS.buffer_size,
+        "WARMUP_ITERS": _DEFAULTS.warmup_iters,
+        "RENORM_START_ITER": _DEFAULTS.renorm_start_iter,
+        "RENORM_CLIP": _DEFAULTS.renorm_clip,
+        "CENTRALIZE_WEIGHTS": _DEFAULTS.centralize_weights,
+    }
+    for key, value in defaults.items():
+        if key not in node:
+            setattr(node, key, value)
+    return cfg
+
+
+def _number(node: CN, key: str, kind: type, ok, expected: str):
+    value = node[key]
+    full_key = f"MODEL.MABN.{key}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{full_key} must be a number ({expected}), got {value!r}")
+    if kind is int and (not float(value).is_integer()):
+        raise ValueError(f"{full_key} must be an integer ({expected}), got {value!r}")
+    value = kind(value)
+    if not ok(value):
+        raise ValueError(f"{full_key} must be {expected}, got {value!r}")
+    return value
+
+
+def settings_from_cfg(cfg: CN) -> MABNSettings | None:
+    """The validated ``MODEL.MABN`` settings of ``cfg``; None if ``cfg`` has no such node.
+
+    Raises:
+        ValueError: naming the offending key, e.g. ``MODEL.MABN.BUFFER_SIZE must be >= 1``.
+    """
+    model = cfg.get("MODEL") if hasattr(cfg, "get") else None
+    if model is None or "MABN" not in model:
+        return None
+    node = model.MABN
+    centralize = node.get("CENTRALIZE_WEIGHTS", _DEFAULTS.centralize_weights)
+    if not isinstance(centralize, bool):
+        raise ValueError(f"MODEL.MABN.CENTRALIZE_WEIGHTS must be true or false, got {centralize!r}")
+    return MABNSettings(
+        eps=_number(node, "EPS", float, lambda v: v >= 0, ">= 0"),
+        momentum=_number(node, "MOMENTUM", float, lambda v: 0 < v <= 1, "in (0, 1]"),
+        buffer_size=_number(node, "BUFFER_SIZE", int, lambda v: v >= 1, ">= 1"),
+        warmup_iters=_number(node, "WARMUP_ITERS", int, lambda v: v >= 0, ">= 0"),
+        renorm_start_iter=_number(node, "RENORM_START_ITER", int, lambda v: v >= 0, ">= 0"),
+        renorm_clip=_number(node, "RENORM_CLIP", float, lambda v: v >= 1, ">= 1"),
+        centralize_weights=centralize,
+    )

@@ -1,0 +1,202 @@
+"""The one place where mabn_d2 changes detectron2 at run time.
+
+:func:`register_mabn` (called by ``import mabn_d2``; idempotent; logged) does two things:
+
+1. **``get_norm("MABN", C)``.** detectron2's ``get_norm`` keeps its names in a local dict, so
+   it is wrapped: ``"MABN"`` builds :class:`~mabn_d2.MABN2d`, every other name goes to the
+   original function unchanged, and an unknown name raises an error listing the valid names.
+   detectron2 modules bind ``get_norm`` at import (``from detectron2.layers import
+   get_norm``), so each loaded ``detectron2.*`` module's binding is replaced.
+2. **cfg-scoped settings.** detectron2's model builders (``build_model``, ``build_backbone``,
+   the ROI head and proposal builders, hence ``DefaultTrainer`` and ``DefaultPredictor``)
+   look their classes up in registries. The lookup of each model registry is wrapped so that
+   a build from a cfg runs with that cfg's ``MODEL.MABN`` settings active (validated first,
+   errors name the key), and the finished module gets its MABN-fed convs centralized.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from detectron2.config import CfgNode
+from detectron2.layers import batch_norm as d2_batch_norm
+from detectron2.modeling import (
+    BACKBONE_REGISTRY,
+    META_ARCH_REGISTRY,
+    PROPOSAL_GENERATOR_REGISTRY,
+    ROI_BOX_HEAD_REGISTRY,
+    ROI_HEADS_REGISTRY,
+    ROI_KEYPOINT_HEAD_REGISTRY,
+    ROI_MASK_HEAD_REGISTRY,
+    SEM_SEG_HEADS_REGISTRY,
+)
+from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY
+from fvcore.common.registry import Registry
+from torch import nn
+
+from .centralization import centralize_convs_feeding_mabn
+from .config import settings_from_cfg
+from .mabn import MABN2d
+from .settings import MABNSettings, active_settings, build_mabn, use_settings
+
+__all__ = ["register_mabn", "finalize_mabn_model", "UnknownNormError", "NORM_NAME"]
+
+logger = logging.getLogger(__name__)
+
+NORM_NAME = "MABN"
+_MARK = "_mabn_d2_wrapped"
+# Names detectron2 releases have accepted; the valid ones are found by asking get_norm.
+_CANDIDATE_D2_NORMS = (
+    "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN",
+)
+_MODEL_REGISTRIES: tuple[Registry, ...] = (
+    META_ARCH_REGISTRY,
+    BACKBONE_REGISTRY,
+    PROPOSAL_GENERATOR_REGISTRY,
+    RPN_HEAD_REGISTRY,
+    ROI_HEADS_REGISTRY,
+    ROI_BOX_HEAD_REGISTRY,
+    ROI_MASK_HEAD_REGISTRY,
+    ROI_KEYPOINT_HEAD_REGISTRY,
+    SEM_SEG_HEADS_REGISTRY,
+)
+
+
+class UnknownNormError(KeyError):
+    """An unknown ``NORM`` name (a KeyError, as detectron2's own get_norm raises)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _original_get_norm() -> Callable:
+    current = d2_batch_norm.get_norm
+    return getattr(current, "__wrapped__", current) if getattr(current, _MARK, False) else current
+
+
+@functools.lru_cache(maxsize=1)
+def valid_norm_names() -> tuple[str, ...]:
+    """Every string ``get_norm`` accepts (besides ``""``), ``"MABN"`` included."""
+    original = _original_get_norm()
+    names = []
+    for name in _CANDIDATE_D2_NORMS:
+        try:
+            original(name, 32)
+        except KeyError:
+            continue
+        except Exception:  # exists but cannot be built here (e.g. needs a process group)
+            pass
+        names.append(name)
+    return tuple(names) + (NORM_NAME,)
+
+
+def _make_get_norm(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_norm(norm: Any, out_channels: int) -> nn.Module | None:
+        """detectron2's ``get_norm`` plus ``"MABN"`` (see :mod:`mabn_d2.detectron2_patch`)."""
+        if norm == NORM_NAME:
+            return build_mabn(out_channels)
+        try:
+            return original(norm, out_channels)
+        except KeyError:
+            if not isinstance(norm, str):
+                raise
+            raise UnknownNormError(
+                f"Unknown norm {norm!r}; valid names are: {', '.join(valid_norm_names())} "
+                "(or '' for none)"
+            ) from None
+
+    setattr(get_norm, _MARK, True)
+    return get_norm
+
+
+def _rebind_get_norm(original: Callable, patched: Callable) -> list[str]:
+    rebound = []
+    for name, module in list(sys.modules.items()):
+        in_detectron2 = name == "detectron2" or name.startswith("detectron2.")
+        # vars(), not getattr(): no module-level __getattr__ (detectron2._C's) is triggered.
+        if in_detectron2 and vars(module).get("get_norm") is original:
+            module.get_norm = patched
+            rebound.append(name)
+    return rebound
+
+
+def finalize_mabn_model(model: nn.Module, settings: MABNSettings) -> None:
+    """Post-build steps for a module built with MABN: centralize the convs feeding MABN
+    (if ``settings.centralize_weights``) and give each MABN layer its name for messages."""
+    has_mabn = False
+    for name, module in model.named_modules():
+        if isinstance(module, MABN2d):
+            module._mabn_name = name
+            has_mabn = True
+    if has_mabn and settings.centralize_weights:
+        centralize_convs_feeding_mabn(model)
+
+
+def _first_cfg(args: tuple, kwargs: dict) -> CfgNode | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, CfgNode):
+            return value
+    return None
+
+
+def _with_cfg_settings(builder: Callable) -> Callable:
+    @functools.wraps(builder, updated=())
+    def build(*args: Any, **kwargs: Any) -> Any:
+        cfg = _first_cfg(args, kwargs)
+        if cfg is None:
+            return builder(*args, **kwargs)
+        outermost = active_settings() is None
+        settings = settings_from_cfg(cfg)
+        if settings is None:
+            settings = MABNSettings()
+            cfg_has_mabn = False
+        else:
+            cfg_has_mabn = True
+        with use_settings(settings):
+            built = builder(*args, **kwargs)
+        if outermost and isinstance(built, nn.Module):
+            if not cfg_has_mabn and any(isinstance(m, MABN2d) for m in built.modules()):
+                logger.warning(
+                    "The cfg has no MODEL.MABN node (call mabn_d2.add_mabn_config(cfg)); "
+                    "MABN layers were built with the paper's defaults."
+                )
+            finalize_mabn_model(built, settings)
+        return built
+
+    return build
+
+
+def _wrap_registry(registry: Registry) -> None:
+    if getattr(registry, _MARK, False):
+        return
+    plain_get = registry.get
+
+    def get(name: str) -> Any:
+        return _with_cfg_settings(plain_get(name))
+
+    registry.get = get  # instance attribute: this registry only
+    setattr(registry, _MARK, True)
+
+
+def register_mabn() -> None:
+    """Register ``"MABN"`` into detectron2 (idempotent; logs what it changed)."""
+    original = _original_get_norm()
+    patched = d2_batch_norm.get_norm
+    if not getattr(patched, _MARK, False):
+        patched = _make_get_norm(original)
+    rebound = _rebind_get_norm(original, patched)
+    for registry in _MODEL_REGISTRIES:
+        _wrap_registry(registry)
+    if rebound:
+        logger.info(
+            "mabn_d2: registered norm %r in detectron2's get_norm (%d modules rebound) and "
+            "cfg-scoped MABN settings in %d model registries",
+            NORM_NAME,
+            len(rebound),
+            len(_MODEL_REGISTRIES),
+        )

@@ -1,0 +1,183 @@
+"""Functional core of Moving Average Batch Normalization (Yan et al., ICLR 2020).
+
+Notation (per channel ``c``; statistics over N, H and W; ``M = N * H * W``):
+
+* forward:  ``chi2_B = mean(x^2)`` (no centering); ``var`` is ``chi2_B`` or the simple moving
+  average of the last ``m`` values of ``chi2_B``; ``z = x / sqrt(var + eps)``;
+  ``y = weight * r * z + bias`` with the batch-renormalisation factor ``r``.
+* backward: ``g = dy * weight * r``; ``psi_B = mean(g * z)``; ``psi`` is ``psi_B`` or the
+  simple moving average of its last ``m`` values; ``dx = (g - z * psi) / sqrt(var + eps)``,
+  ``dweight = sum(dy * r * z)``, ``dbias = sum(dy)``.
+
+Both passes are written as per-channel affine maps so that each touches the activation
+memory as few times as possible:
+
+* forward: one reduction (``sum x^2``) and one elementwise pass ``y = a * x + b``;
+* backward: one reduction (``sum dy``, ``sum dy * x``) and one elementwise pass
+  ``dx = a * dy + b * x``; only ``x`` is saved for backward.
+
+Statistics and per-channel coefficients are kept in float32 (float64 for float64 inputs),
+whatever the activation dtype, so half inputs whose squares exceed the half range are safe.
+Nothing here reads a tensor value on the host: the step's schedule (which of batch / moving
+statistics, renorm on or off, buffer slot) is decided by the caller from a host-side counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import kernels
+
+__all__ = ["MABNStep", "mabn_train", "mabn_eval", "stats_dtype"]
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of statistics for activations of ``dtype``: at least float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class MABNStep:
+    """Host-side schedule of one training step (decided without reading device values).
+
+    Attributes:
+        slot: index ``t mod m`` of the moving-average buffers written this step.
+        use_batch_stats: ``t <= m or t < warmup_iters``: normalise with this batch's
+            statistics instead of the moving averages (forward and backward).
+        renorm: ``t > max(renorm_start_iter, warmup_iters)``: apply the clipped renorm factor.
+        renorm_clip: ``r`` is clamped to ``[1 / renorm_clip, renorm_clip]``.
+        momentum: weight of the newest value in the running second moment.
+        eps: added to the second moment before the square root.
+    """
+
+    slot: int
+    use_batch_stats: bool
+    renorm: bool
+    renorm_clip: float
+    momentum: float
+    eps: float
+
+
+def _channel_view(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _keep_if_finite(new: Tensor, old: Tensor, finite: Tensor) -> Tensor:
+    # torch.where instead of a host-side branch: no device sync on a GPU.
+    return torch.where(finite, new, old)
+
+
+class _MABNTrainFunction(torch.autograd.Function):
+    """Training-mode MABN with the moving-average backward (``psi``).
+
+    ``forward`` takes the per-channel coefficients already computed from the forward
+    statistics; ``backward`` computes ``psi_B``, writes it into ``psi_buffer[slot]`` and
+    returns the gradients of the specification.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        inv_std: Tensor,
+        r: Tensor,
+        psi_buffer: Tensor,
+        step: MABNStep,
+        finite: Tensor,
+    ) -> Tensor:
+        w = weight.detach().to(inv_std.dtype)
+        scale = w * r * inv_std
+        shift = bias.detach().to(inv_std.dtype)
+        y = kernels.channel_affine(x, scale, shift)
+        ctx.save_for_backward(x, weight, inv_std, r)
+        ctx.psi_buffer = psi_buffer
+        ctx.step = step
+        ctx.finite = finite
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        x, weight, inv_std, r = ctx.saved_tensors
+        step: MABNStep = ctx.step
+        psi_buffer: Tensor = ctx.psi_buffer
+        dy = dy.contiguous()
+        count = x.numel() // x.shape[1]
+        sum_dy, sum_dy_x = kernels.grad_reductions(dy, x, inv_std.dtype)
+        w = weight.detach().to(inv_std.dtype)
+        # psi_B = mean(g * z) with g = dy * w * r and z = x * inv_std.
+        psi_batch = w * r * inv_std * sum_dy_x / count
+        finite = ctx.finite & torch.isfinite(psi_batch).all()
+        with torch.no_grad():
+            old = psi_buffer[step.slot]
+            psi_buffer[step.slot] = _keep_if_finite(psi_batch, old, finite)
+        psi = psi_batch if step.use_batch_stats else psi_buffer.mean(dim=0)
+        # dx = (g - z * psi) * inv_std = (w r inv_std) * dy - (psi inv_std^2) * x
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = kernels.grad_input(dy, x, w * r * inv_std, -psi * inv_std * inv_std)
+        dweight = (r * inv_std * sum_dy_x).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dbias = sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias, None, None, None, None, None
+
+
+def mabn_train(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_second_moment: Tensor,
+    chi2_buffer: Tensor,
+    psi_buffer: Tensor,
+    step: MABNStep,
+) -> tuple[Tensor, Tensor]:
+    """One training-mode MABN step on ``x`` of shape ``(N, C, H, W)``.
+
+    Updates ``chi2_buffer[step.slot]`` and ``running_second_moment`` in place now, and
+    ``psi_buffer[step.slot]`` in place during backward. A step whose statistics are not
+    finite leaves all three exactly as they were (its output may be non-finite).
+
+    Args:
+        x: input, ``(N, C, H, W)``, any floating dtype, ``N * H * W > 0``.
+        weight, bias: ``(C,)`` affine parameters.
+        running_second_moment: ``(C,)`` running average of ``var`` (float32/64).
+        chi2_buffer, psi_buffer: ``(m, C)`` moving-average buffers (float32/64).
+        step: the host-side schedule of this step.
+
+    Returns:
+        ``(y, finite)``: the output, same shape and dtype as ``x``, and a 0-dim bool tensor
+        telling whether this step's forward statistics were finite (no sync needed to get it).
+    """
+    sdtype = running_second_moment.dtype
+    with torch.no_grad():
+        chi2_batch = kernels.second_moment(x, sdtype)
+        finite = torch.isfinite(chi2_batch).all()
+        chi2_buffer[step.slot] = _keep_if_finite(chi2_batch, chi2_buffer[step.slot], finite)
+        var = chi2_batch if step.use_batch_stats else chi2_buffer.mean(dim=0)
+        inv_std = torch.rsqrt(var + step.eps)
+        if step.renorm:
+            r = (torch.rsqrt(running_second_moment + step.eps) / inv_std).clamp(
+                1.0 / step.renorm_clip, step.renorm_clip
+            )
+        else:
+            r = torch.ones_like(inv_std)
+        updated = torch.lerp(running_second_moment, var, step.momentum)
+        running_second_moment.copy_(_keep_if_finite(updated, running_second_moment, finite))
+    y = _MABNTrainFunction.apply(x, weight, bias, inv_std, r, psi_buffer, step, finite)
+    return y, finite
+
+
+def mabn_eval(
+    x: Tensor, weight: Tensor, bias: Tensor, running_second_moment: Tensor, eps: float
+) -> Tensor:
+    """Eval-mode MABN: ``y = weight * x / sqrt(running + eps) + bias``, a per-channel affine.
+
+    Differentiable in ``x``, ``weight`` and ``bias`` (plain autograd ops).
+    """
+    inv_std = torch.rsqrt(running_second_moment + eps)
+    scale = weight.to(inv_std.dtype) * inv_std
+    out = x * _channel_view(scale).to(x.dtype) + _channel_view(bias).to(x.dtype)
+    return out
