@@ -5,8 +5,8 @@
 1. **``get_norm("MABN", C)``.** detectron2's ``get_norm`` keeps its names in a local dict, so
    it is wrapped: ``"MABN"`` builds :class:`~mabn_d2.MABN2d`, every other name goes to the
    original function unchanged, and an unknown name raises an error listing the valid names.
-   detectron2 modules bind ``get_norm`` at import (``from detectron2.layers import
-   get_norm``), so each loaded ``detectron2.*`` module's binding is replaced.
+   Modules bind ``get_norm`` at import (``from detectron2.layers import get_norm``), so
+   every loaded module's binding of the original is replaced.
 2. **cfg-scoped settings.** detectron2's model builders (``build_model``, ``build_backbone``,
    the ROI head and proposal builders, hence ``DefaultTrainer`` and ``DefaultPredictor``)
    look their classes up in registries. The lookup of each model registry is wrapped so that
@@ -115,11 +115,14 @@ def _make_get_norm(original: Callable) -> Callable:
 
 
 def _rebind_get_norm(original: Callable, patched: Callable) -> list[str]:
+    """Point every loaded module's ``get_norm`` that is detectron2's original at ``patched``:
+    detectron2's own modules and any user module that did ``from detectron2.layers import
+    get_norm`` before ``import mabn_d2``. Modules loaded later import the patched one."""
     rebound = []
     for name, module in list(sys.modules.items()):
-        in_detectron2 = name == "detectron2" or name.startswith("detectron2.")
         # vars(), not getattr(): no module-level __getattr__ (detectron2._C's) is triggered.
-        if in_detectron2 and vars(module).get("get_norm") is original:
+        namespace = getattr(module, "__dict__", None)
+        if isinstance(namespace, dict) and namespace.get("get_norm") is original:
             module.get_norm = patched
             rebound.append(name)
     return rebound
