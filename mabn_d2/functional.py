@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import kernels
@@ -70,6 +71,13 @@ def _keep_if_finite(new: Tensor, old: Tensor, finite: Tensor) -> Tensor:
     return torch.where(finite, new, old)
 
 
+def _all_reduce_sum(t: Tensor, group: object | None) -> Tensor:
+    """Sum ``t`` over the processes of ``group`` (one collective; no host sync)."""
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
 class _MABNTrainFunction(torch.autograd.Function):
     """Training-mode MABN with the moving-average backward (``psi``).
 
@@ -89,6 +97,7 @@ class _MABNTrainFunction(torch.autograd.Function):
         psi_buffer: Tensor,
         step: MABNStep,
         finite: Tensor,
+        sync: tuple[object, Tensor] | None,
     ) -> Tensor:
         w = weight.detach().to(inv_std.dtype)
         scale = w * r * inv_std
@@ -98,6 +107,7 @@ class _MABNTrainFunction(torch.autograd.Function):
         ctx.psi_buffer = psi_buffer
         ctx.step = step
         ctx.finite = finite
+        ctx.sync = sync
         return y
 
     @staticmethod
@@ -106,11 +116,19 @@ class _MABNTrainFunction(torch.autograd.Function):
         step: MABNStep = ctx.step
         psi_buffer: Tensor = ctx.psi_buffer
         dy = dy.contiguous()
-        count = x.numel() // x.shape[1]
-        sum_dy, sum_dy_x = kernels.grad_reductions(dy, x, inv_std.dtype)
+        if x.numel() > 0:
+            sum_dy, sum_dy_x = kernels.grad_reductions(dy, x, inv_std.dtype)
+        else:  # an empty local input in a synced step still joins the all-reduce below
+            sum_dy = sum_dy_x = torch.zeros_like(inv_std)
         w = weight.detach().to(inv_std.dtype)
+        if ctx.sync is None:
+            count: Tensor | int = x.numel() // x.shape[1]
+            sum_dy_x_batch = sum_dy_x
+        else:  # psi_B over the whole process group, like the forward statistics
+            group, count = ctx.sync
+            sum_dy_x_batch = _all_reduce_sum(sum_dy_x, group)
         # psi_B = mean(g * z) with g = dy * w * r and z = x * inv_std.
-        psi_batch = w * r * inv_std * sum_dy_x / count
+        psi_batch = w * r * inv_std * sum_dy_x_batch / count
         finite = ctx.finite & torch.isfinite(psi_batch).all()
         with torch.no_grad():
             old = psi_buffer[step.slot]
@@ -122,7 +140,7 @@ class _MABNTrainFunction(torch.autograd.Function):
             dx = kernels.grad_input(dy, x, w * r * inv_std, -psi * inv_std * inv_std)
         dweight = (r * inv_std * sum_dy_x).to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None
 
 
 def mabn_train(
@@ -133,6 +151,7 @@ def mabn_train(
     chi2_buffer: Tensor,
     psi_buffer: Tensor,
     step: MABNStep,
+    process_group: object | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One training-mode MABN step on ``x`` of shape ``(N, C, H, W)``.
 
@@ -146,15 +165,26 @@ def mabn_train(
         running_second_moment: ``(C,)`` running average of ``var`` (float32/64).
         chi2_buffer, psi_buffer: ``(m, C)`` moving-average buffers (float32/64).
         step: the host-side schedule of this step.
+        process_group: if given (an initialised ``torch.distributed`` group, or
+            ``dist.group.WORLD``), the batch statistics ``chi2_B`` and ``psi_B`` are taken over
+            the inputs of all its processes (weighted by their ``N * H * W``), like SyncBN.
+            Every process of the group must then call this step and its backward; an empty
+            local input (``N * H * W == 0``) takes part with a zero count.
 
     Returns:
         ``(y, finite)``: the output, same shape and dtype as ``x``, and a 0-dim bool tensor
         telling whether this step's forward statistics were finite (no sync needed to get it).
     """
     sdtype = running_second_moment.dtype
+    sync = None
     with torch.no_grad():
-        chi2_batch = kernels.second_moment(x, sdtype)
-        finite = torch.isfinite(chi2_batch).all()
+        if process_group is None:
+            chi2_batch = kernels.second_moment(x, sdtype)
+            finite = torch.isfinite(chi2_batch).all()
+        else:
+            chi2_batch, count = _synced_second_moment(x, sdtype, process_group)
+            sync = (process_group, count)
+            finite = torch.isfinite(chi2_batch).all() & (count > 0)
         chi2_buffer[step.slot] = _keep_if_finite(chi2_batch, chi2_buffer[step.slot], finite)
         var = chi2_batch if step.use_batch_stats else chi2_buffer.mean(dim=0)
         inv_std = torch.rsqrt(var + step.eps)
@@ -166,8 +196,24 @@ def mabn_train(
             r = torch.ones_like(inv_std)
         updated = torch.lerp(running_second_moment, var, step.momentum)
         running_second_moment.copy_(_keep_if_finite(updated, running_second_moment, finite))
-    y = _MABNTrainFunction.apply(x, weight, bias, inv_std, r, psi_buffer, step, finite)
+    y = _MABNTrainFunction.apply(x, weight, bias, inv_std, r, psi_buffer, step, finite, sync)
     return y, finite
+
+
+def _synced_second_moment(
+    x: Tensor, dtype: torch.dtype, group: object
+) -> tuple[Tensor, Tensor]:
+    """``(mean(x^2) over all processes' N, H, W; total count)`` with one all-reduce."""
+    channels = x.shape[1]
+    local_count = x.numel() // channels
+    if local_count > 0:
+        local_sum = kernels.second_moment(x, dtype) * local_count
+    else:
+        local_sum = torch.zeros(channels, dtype=dtype, device=x.device)
+    packed = torch.cat([local_sum, local_sum.new_full((1,), float(local_count))])
+    packed = _all_reduce_sum(packed, group)
+    count = packed[channels]
+    return packed[:channels] / count.clamp_min(1), count
 
 
 def mabn_eval(

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .functional import MABNStep, mabn_eval, mabn_train
@@ -79,6 +80,12 @@ class MABN2d(nn.Module):
         warmup_iters: use batch statistics while ``t < warmup_iters``.
         renorm_start_iter: apply batch renormalisation only after this many iterations.
         renorm_clip: ``r`` is clipped to ``[1 / renorm_clip, renorm_clip]``.
+        sync: take the batch statistics (``chi2_B``, ``psi_B``) over all processes of
+            ``process_group`` like ``nn.SyncBatchNorm``, instead of per process (the paper's
+            per-GPU setting, the default). Without an initialised multi-process group it
+            behaves exactly as ``sync=False``. In sync mode every process must run each step,
+            an empty local input included (it contributes a zero count).
+        process_group: the group for ``sync`` (default: the whole world).
 
     Shape:
         input ``(N, C, H, W)``; output: same shape and dtype.
@@ -99,6 +106,8 @@ class MABN2d(nn.Module):
         warmup_iters: int = 100,
         renorm_start_iter: int = 1000,
         renorm_clip: float = 5.0,
+        sync: bool = False,
+        process_group: object | None = None,
     ) -> None:
         super().__init__()
         _check_hyperparameters(
@@ -112,6 +121,8 @@ class MABN2d(nn.Module):
         self.warmup_iters = warmup_iters
         self.renorm_start_iter = renorm_start_iter
         self.renorm_clip = float(renorm_clip)
+        self.sync = bool(sync)
+        self.process_group = process_group
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_second_moment", torch.ones(num_features))
@@ -171,9 +182,17 @@ class MABN2d(nn.Module):
             eps=self.eps,
         )
 
+    def _sync_group(self) -> object | None:
+        """The process group to synchronise statistics over, or None for per-process."""
+        if not (self.sync and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if x.numel() == 0:
+        group = self._sync_group() if self.training else None
+        if x.numel() == 0 and group is None:
             # Zero RoIs etc.: keep the graph (zero gradients) and leave all state untouched.
             return x * self.weight.view(1, -1, 1, 1).to(x.dtype) + self.bias.view(
                 1, -1, 1, 1
@@ -189,6 +208,7 @@ class MABN2d(nn.Module):
             self.chi2_buffer,
             self.psi_buffer,
             step,
+            process_group=group,
         )
         self._iteration += 1
         self.num_batches_tracked.add_(1)
@@ -236,4 +256,5 @@ class MABN2d(nn.Module):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"buffer_size={self.buffer_size}, warmup_iters={self.warmup_iters}, "
             f"renorm_start_iter={self.renorm_start_iter}, renorm_clip={self.renorm_clip}"
+            + (", sync=True" if self.sync else "")
         )
