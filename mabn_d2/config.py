@@ -23,6 +23,8 @@ def add_mabn_config(cfg: CN) -> CN:
     * ``RENORM_START_ITER`` (1000): start batch renormalisation after this iteration.
     * ``RENORM_CLIP`` (5.0): clip of the renorm factor.
     * ``CENTRALIZE_WEIGHTS`` (True): convs that feed MABN use centralized weights.
+    * ``SYNC`` (False): take batch statistics over all processes (like SyncBN) instead of
+      per process (the paper's per-GPU setting).
     """
     if "MABN" not in cfg.MODEL:
         cfg.MODEL.MABN = CN()
@@ -35,6 +37,7 @@ def add_mabn_config(cfg: CN) -> CN:
         "RENORM_START_ITER": _DEFAULTS.renorm_start_iter,
         "RENORM_CLIP": _DEFAULTS.renorm_clip,
         "CENTRALIZE_WEIGHTS": _DEFAULTS.centralize_weights,
+        "SYNC": _DEFAULTS.sync,
     }
     for key, value in defaults.items():
         if key not in node:
@@ -65,9 +68,11 @@ def settings_from_cfg(cfg: CN) -> MABNSettings | None:
     if model is None or "MABN" not in model:
         return None
     node = model.MABN
-    centralize = node.get("CENTRALIZE_WEIGHTS", _DEFAULTS.centralize_weights)
-    if not isinstance(centralize, bool):
-        raise ValueError(f"MODEL.MABN.CENTRALIZE_WEIGHTS must be true or false, got {centralize!r}")
+    flags = {}
+    for key in ("CENTRALIZE_WEIGHTS", "SYNC"):
+        flags[key] = node.get(key, getattr(_DEFAULTS, key.lower()))
+        if not isinstance(flags[key], bool):
+            raise ValueError(f"MODEL.MABN.{key} must be true or false, got {flags[key]!r}")
     return MABNSettings(
         eps=_number(node, "EPS", float, lambda v: v >= 0, ">= 0"),
         momentum=_number(node, "MOMENTUM", float, lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -75,5 +80,6 @@ def settings_from_cfg(cfg: CN) -> MABNSettings | None:
         warmup_iters=_number(node, "WARMUP_ITERS", int, lambda v: v >= 0, ">= 0"),
         renorm_start_iter=_number(node, "RENORM_START_ITER", int, lambda v: v >= 0, ">= 0"),
         renorm_clip=_number(node, "RENORM_CLIP", float, lambda v: v >= 1, ">= 1"),
-        centralize_weights=centralize,
+        centralize_weights=flags["CENTRALIZE_WEIGHTS"],
+        sync=flags["SYNC"],
     )

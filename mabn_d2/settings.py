@@ -29,6 +29,7 @@ class MABNSettings:
     renorm_start_iter: int = 1000
     renorm_clip: float = 5.0
     centralize_weights: bool = True
+    sync: bool = False
 
     def layer_kwargs(self) -> dict:
         kwargs = asdict(self)

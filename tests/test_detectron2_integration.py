@@ -99,7 +99,7 @@ def test_add_mabn_config_defaults_and_idempotence():
     "key, value",
     [("BUFFER_SIZE", 0), ("MOMENTUM", 0.0), ("MOMENTUM", 1.5), ("EPS", -1e-5),
      ("RENORM_CLIP", 0.5), ("WARMUP_ITERS", -1), ("BUFFER_SIZE", 2.5),
-     ("CENTRALIZE_WEIGHTS", "yes")],
+     ("CENTRALIZE_WEIGHTS", "yes"), ("SYNC", 1)],
 )
 def test_invalid_values_fail_at_build_naming_the_key(key, value):
     cfg = mabn_cfg(**{key: value})
@@ -127,13 +127,13 @@ def small_backbone_cfg(**mabn):
 
 def test_two_builds_do_not_leak_settings():
     a = build_backbone(small_backbone_cfg(BUFFER_SIZE=4, MOMENTUM=0.1, CENTRALIZE_WEIGHTS=False))
-    b = build_backbone(small_backbone_cfg(BUFFER_SIZE=32, WARMUP_ITERS=7))
+    b = build_backbone(small_backbone_cfg(BUFFER_SIZE=32, WARMUP_ITERS=7, SYNC=True))
     plain = get_norm("MABN", 8)  # outside any build: the paper's defaults
     norms_a = [m for m in a.modules() if isinstance(m, MABN2d)]
     norms_b = [m for m in b.modules() if isinstance(m, MABN2d)]
     assert norms_a and norms_b
-    assert all(m.buffer_size == 4 and m.momentum == 0.1 for m in norms_a)
-    assert all(m.buffer_size == 32 and m.momentum == 0.02 and m.warmup_iters == 7
+    assert all(m.buffer_size == 4 and m.momentum == 0.1 and not m.sync for m in norms_a)
+    assert all(m.buffer_size == 32 and m.momentum == 0.02 and m.warmup_iters == 7 and m.sync
                for m in norms_b)
     assert not any(isinstance(m, CentralizedConv2d) for m in a.modules())
     assert any(isinstance(m, CentralizedConv2d) for m in b.modules())
