@@ -1,6 +1,6 @@
 """The one place where mabn_d2 changes detectron2 at run time.
 
-:func:`register_mabn` (called by ``import mabn_d2``; idempotent; logged) does two things:
+:func:`register_mabn` (called by ``import mabn_d2``; idempotent; logged) does three things:
 
 1. **``get_norm("MABN", C)``.** detectron2's ``get_norm`` keeps its names in a local dict, so
    it is wrapped: ``"MABN"`` builds :class:`~mabn_d2.MABN2d`, every other name goes to the
@@ -12,6 +12,9 @@
    look their classes up in registries. The lookup of each model registry is wrapped so that
    a build from a cfg runs with that cfg's ``MODEL.MABN`` settings active (validated first,
    errors name the key), and the finished module gets its MABN-fed convs centralized.
+3. **DDP on the CPU.** ``DefaultTrainer`` wraps the model with ``create_ddp_model``, which
+   passes ``device_ids=[local_rank]`` even for a CPU model, which DDP rejects; for CPU models
+   the wrapper leaves ``device_ids`` as None so that multi-process CPU training (gloo) works.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from detectron2.config import CfgNode
+from detectron2.engine import defaults as d2_defaults
 from detectron2.layers import batch_norm as d2_batch_norm
 from detectron2.modeling import (
     BACKBONE_REGISTRY,
@@ -186,8 +190,33 @@ def _wrap_registry(registry: Registry) -> None:
     setattr(registry, _MARK, True)
 
 
+def _make_cpu_aware_create_ddp_model(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def create_ddp_model(model: nn.Module, **kwargs: Any) -> nn.Module:
+        """detectron2's ``create_ddp_model``; for a CPU model ``device_ids`` stays None, as
+        ``DistributedDataParallel`` requires (detectron2 passes the local rank, for CUDA)."""
+        first = next(model.parameters(), None)
+        if first is not None and first.device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    setattr(create_ddp_model, _MARK, True)
+    return create_ddp_model
+
+
+def _patch_create_ddp_model() -> bool:
+    """Let ``DefaultTrainer`` wrap CPU models in DDP (multi-process CPU training with gloo,
+    see :mod:`mabn_d2.distributed`). Returns whether this call patched it."""
+    if getattr(d2_defaults.create_ddp_model, _MARK, False):
+        return False
+    d2_defaults.create_ddp_model = _make_cpu_aware_create_ddp_model(d2_defaults.create_ddp_model)
+    return True
+
+
 def register_mabn() -> None:
     """Register ``"MABN"`` into detectron2 (idempotent; logs what it changed)."""
+    if _patch_create_ddp_model():
+        logger.info("mabn_d2: detectron2.engine.defaults.create_ddp_model accepts CPU models")
     original = _original_get_norm()
     patched = d2_batch_norm.get_norm
     if not getattr(patched, _MARK, False):
