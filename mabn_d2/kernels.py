@@ -1,4 +1,4 @@
-"""Memory-bound per-channel kernels used by :mod:`mabn_d2.functional`.
+"""Memory-bound per-channel kernels used by :mod:`mabn_d2.functional`, and their dispatch.
 
 Each kernel is one pass over activation memory in layout ``(N, C, H, W)``:
 
@@ -7,51 +7,174 @@ Each kernel is one pass over activation memory in layout ``(N, C, H, W)``:
 * :func:`grad_reductions` -- ``sum(dy)`` and ``sum(dy * x)`` over N, H, W (one read of each);
 * :func:`grad_input` -- ``a[c] * dy + b[c] * x`` (two reads, one write).
 
-These are the plain PyTorch implementations; they choose the fastest native primitive
-available for the dtype and device.
+Backends, chosen per call from the tensors (``"auto"``, the default):
+
+* ``"cpp"`` -- C++ kernels (:mod:`mabn_d2.cpu_kernels`) for contiguous CPU tensors;
+* ``"triton"`` -- Triton kernels (:mod:`mabn_d2.triton_kernels`) for contiguous CUDA tensors;
+* ``"plain"`` -- PyTorch ops (:mod:`mabn_d2.plain_kernels`): everything else, and the
+  fallback when the C++ kernels cannot be built or Triton is not installed (with a warning).
+
+All backends keep float32 arithmetic and statistics for half inputs (float64 for float64).
+``MABN_D2_KERNELS=plain`` (or :func:`set_backend` / :func:`use_backend`) forces the plain
+kernels, e.g. to compare; forcing ``"cpp"`` or ``"triton"`` raises where it cannot apply.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
 import torch
 from torch import Tensor
 
-_REDUCE_DIMS = (0, 2, 3)
+from . import cpu_kernels, plain_kernels
+
+__all__ = [
+    "BACKENDS",
+    "second_moment",
+    "channel_affine",
+    "grad_reductions",
+    "grad_input",
+    "backend_for",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "cpp", "triton", "plain")
+_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_backend = "auto"
+_triton_module: ModuleType | None | bool = None  # None: not tried; False: unavailable
 
 
-def _per_channel(v: Tensor, like: Tensor) -> Tensor:
-    return v.to(like.dtype).view(1, -1, 1, 1)
+def set_backend(name: str) -> None:
+    """Choose the kernels: one of :data:`BACKENDS` (process-wide)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"mabn_d2 kernels: unknown backend {name!r}; valid: {BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily choose the kernels (see :func:`set_backend`)."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _triton() -> ModuleType | None:
+    global _triton_module
+    if _triton_module is None:
+        try:
+            from . import triton_kernels  # triton is an optional dependency
+
+            _triton_module = triton_kernels
+        except Exception as e:  # ImportError, or a triton too old for the kernels
+            message = (
+                "mabn_d2: Triton kernels unavailable, using the plain PyTorch kernels on CUDA "
+                f"(correct, but slower). Reason: {type(e).__name__}: {e}"
+            )
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            _triton_module = False
+    return _triton_module or None
+
+
+def _fast_layout(*tensors: Tensor) -> bool:
+    first = tensors[0]
+    return all(
+        t.dim() == 4 and t.is_contiguous() and t.dtype == first.dtype
+        and t.dtype in _FAST_DTYPES and t.device == first.device
+        for t in tensors
+    )
+
+
+def backend_for(*tensors: Tensor) -> str:
+    """The backend that handles these activation tensors (``"cpp"``, ``"triton"`` or
+    ``"plain"``); may build the C++ kernels on first use."""
+    return _select(*tensors)[0]
+
+
+class _CppOps:
+    """The C++ ops (``torch.ops.mabn_d2``) under the kernel interface."""
+
+    @staticmethod
+    def second_moment(x: Tensor, out_dtype: torch.dtype) -> Tensor:
+        return torch.ops.mabn_d2.second_moment(x, out_dtype)
+
+    @staticmethod
+    def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        return torch.ops.mabn_d2.channel_affine(x, scale, shift)
+
+    @staticmethod
+    def grad_reductions(dy: Tensor, x: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return torch.ops.mabn_d2.grad_reductions(dy, x, out_dtype)
+
+    @staticmethod
+    def grad_input(dy: Tensor, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return torch.ops.mabn_d2.grad_input(dy, x, a, b)
+
+
+def _select(*tensors: Tensor) -> tuple[str, Any]:
+    """``(name, implementation)`` of the backend for these activation tensors."""
+    backend = _backend
+    if backend == "plain":
+        return "plain", plain_kernels
+    device = tensors[0].device.type
+    fast = _fast_layout(*tensors)
+    if backend in ("auto", "cpp") and device == "cpu" and fast and cpu_kernels.load():
+        return "cpp", _CppOps
+    if backend in ("auto", "triton") and device == "cuda" and fast:
+        module = _triton()
+        if module is not None:
+            return "triton", module
+    if backend != "auto":
+        raise RuntimeError(
+            f"mabn_d2 kernels: backend {backend!r} cannot handle {device} tensors of dtype "
+            f"{tensors[0].dtype}, shape {tuple(tensors[0].shape)}, contiguous="
+            f"{tensors[0].is_contiguous()}"
+            + (f" (C++ build failed: {cpu_kernels.load_error()})" if backend == "cpp" else "")
+        )
+    return "plain", plain_kernels
 
 
 def second_moment(x: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """``mean(x^2)`` per channel of ``x (N, C, H, W)``, accumulated in ``out_dtype``."""
-    xs = x if x.dtype == out_dtype else x.to(out_dtype)
-    # batch_norm_update_stats is a one-pass (Welford) mean/var kernel on CPU and CUDA;
-    # E[x^2] = var + mean^2 adds two non-negative terms, so nothing cancels.
-    mean, var = torch.batch_norm_update_stats(xs, None, None, 0.0)
-    return var + mean * mean
+    """``mean(x^2)`` per channel of ``x (N, C, H, W)``, accumulated in ``out_dtype`` or wider.
+
+    Returns a ``(C,)`` tensor of ``out_dtype``.
+    """
+    return _select(x)[1].second_moment(x, out_dtype)
 
 
 def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``scale[c] * x + shift[c]`` for ``x (N, C, H, W)``, in ``x``'s dtype."""
-    return torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x))
+    """``scale[c] * x + shift[c]`` for ``x (N, C, H, W)`` and ``(C,)`` coefficients, in ``x``'s
+    dtype."""
+    return _select(x)[1].channel_affine(x, scale, shift)
 
 
 def grad_reductions(dy: Tensor, x: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(sum(dy), sum(dy * x))`` per channel, in ``out_dtype``."""
-    if dy.dtype == x.dtype:
-        # BatchNorm's backward reduction with mean 0 and invstd 1 is exactly these two sums,
-        # computed in one fused pass (accumulating in float32 for half inputs).
-        zeros = torch.zeros(x.shape[1], dtype=out_dtype, device=x.device)
-        ones = torch.ones_like(zeros)
-        _, sum_dy_x, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy, x, None, None, None, zeros, ones, True, 0.0, [False, True, True]
-        )
-        return sum_dy.to(out_dtype), sum_dy_x.to(out_dtype)
-    dy32, x32 = dy.to(out_dtype), x.to(out_dtype)
-    return dy32.sum(_REDUCE_DIMS), (dy32 * x32).sum(_REDUCE_DIMS)
+    """``(sum(dy), sum(dy * x))`` over N, H, W, two ``(C,)`` tensors of ``out_dtype``."""
+    return _select(dy, x)[1].grad_reductions(dy, x, out_dtype)
 
 
 def grad_input(dy: Tensor, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``a[c] * dy + b[c] * x`` in ``x``'s dtype."""
-    return torch.addcmul(dy * _per_channel(a, dy), x, _per_channel(b, x)).to(x.dtype)
+    """``a[c] * dy + b[c] * x`` in ``x``'s dtype, same shape as ``x``."""
+    return _select(dy, x)[1].grad_input(dy, x, a, b)
+
+
+set_backend(os.environ.get("MABN_D2_KERNELS", "auto"))

@@ -1,0 +1,124 @@
+"""The C++ CPU kernels (``csrc/mabn_cpu.cpp``): compiled on first use, cached, or absent.
+
+The extension is built with :func:`torch.utils.cpp_extension.load` the first time MABN runs on
+the CPU in a process (about 10 s with gcc; ninja is required), and cached in PyTorch's
+extension directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), so later
+processes only load it. If the build fails, a warning says why and :mod:`mabn_d2.kernels` uses
+the plain PyTorch kernels instead -- slower, never silently.
+
+Its ops are registered with the dispatcher as ``torch.ops.mabn_d2.*`` (no pybind11 module).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["load", "available", "load_error", "set_hugepages"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "mabn_cpu.cpp"
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {"tried": False, "ok": False, "error": None}
+
+
+def _isa_flags() -> list[str]:
+    # The kernels are memory-bound: AVX2 + FMA is all they need. Chosen from what PyTorch
+    # detected at run time, so a build never uses instructions this CPU lacks.
+    capability = torch.backends.cpu.get_cpu_capability()
+    return ["-mavx2", "-mfma", "-mf16c"] if capability in ("AVX2", "AVX512") else []
+
+
+def _ensure_ninja() -> None:
+    """torch's JIT builder calls ``ninja`` from PATH; the pip package may sit in the venv only."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja  # optional: only needed to build
+    except ImportError as e:
+        raise RuntimeError(
+            "ninja is not installed (pip install ninja, or apt-get install ninja-build)"
+        ) from e
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _ops_registered() -> bool:
+    return hasattr(torch.ops.mabn_d2, "second_moment")
+
+
+def load() -> bool:
+    """Build (or load from the cache) the extension once per process; ``True`` on success.
+
+    A failure is logged and warned about once, with the reason, and remembered: later calls
+    return ``False`` at no cost.
+    """
+    if _STATE["tried"]:
+        return bool(_STATE["ok"])
+    with _LOCK:
+        if _STATE["tried"]:
+            return bool(_STATE["ok"])
+        try:
+            if not _ops_registered():
+                _build()
+            _STATE["ok"] = _ops_registered()
+            if not _STATE["ok"]:
+                raise RuntimeError("the extension loaded but registered no mabn_d2 ops")
+            set_hugepages(os.environ.get("MABN_D2_HUGEPAGES", "1") != "0")
+        except Exception as e:  # any build problem means: use the fallback
+            _STATE["ok"] = False
+            _STATE["error"] = f"{type(e).__name__}: {e}"
+            message = (
+                "mabn_d2: could not build the C++ CPU kernels, using the plain PyTorch kernels "
+                f"(correct, but slower). Reason: {_STATE['error'][:2000]}"
+            )
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        _STATE["tried"] = True
+    return bool(_STATE["ok"])
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension  # heavy; only when building
+
+    _ensure_ninja()
+    isa = _isa_flags()
+    # The name carries the instruction set so one cache directory serves different CPUs.
+    name = "mabn_d2_cpu_" + ("avx2" if isa else "generic")
+    logger.info("mabn_d2: building/loading the C++ CPU kernels %s (cached after the first build)",
+                name)
+    cpp_extension.load(
+        name=name,
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-fopenmp", *isa],
+        # libgomp.so.1 resolves to the copy torch already loaded: one OpenMP runtime.
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def available() -> bool:
+    """Whether the C++ kernels are usable (builds them on the first call)."""
+    return load()
+
+
+def load_error() -> str | None:
+    """Why the last build failed, or ``None``."""
+    return _STATE["error"]  # type: ignore[return-value]
+
+
+def set_hugepages(enabled: bool) -> None:
+    """Back large outputs of the C++ kernels with transparent huge pages (default on).
+
+    Saves the page faults of fresh 100 MB outputs where the OS runs THP in ``madvise`` mode
+    (what PyTorch does for all allocations under ``THP_MEM_ALLOC_ENABLE=1``). Also set by the
+    environment variable ``MABN_D2_HUGEPAGES=0|1`` when the extension loads.
+    """
+    torch.ops.mabn_d2.set_hugepages(bool(enabled))
