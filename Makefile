@@ -12,8 +12,9 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py requirements.txt tools/install_detectron2.py tools/detectron2_pure/_C.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade "pip>=23"
-	$(PY) -m pip install $(TORCH_PINS)
+	# pip 26 refuses to download the pb1-detectron2 sdist (its "all" extra has a URL dependency).
+	$(PY) -m pip install "pip>=23,<26"
+	$(PY) -m pip install -c requirements.txt $(TORCH_PINS)
 	$(PY) -m pip install -r requirements.txt
 	$(PY) tools/install_detectron2.py
 	$(PY) -m pip install --no-deps --no-build-isolation -e .

@@ -100,7 +100,11 @@ def install_pure_v06(workdir: Path) -> None:
     )
     archives = sorted(workdir.glob("pb1*detectron2-0.6*.tar.gz"))
     if download.returncode != 0 or not archives:
-        sys.exit(f"install_detectron2: could not download {SDIST} from PyPI")
+        sys.exit(
+            f"install_detectron2: could not download {SDIST} from PyPI. Its metadata needs "
+            "torch installed first, and pip >= 26 refuses it (its 'all' extra has a URL "
+            "dependency): python -m pip install 'pip<26', then run this again."
+        )
     with tarfile.open(archives[0]) as tar:
         tar.extractall(workdir, filter="data")
     (source,) = [p for p in workdir.iterdir() if p.is_dir() and (p / "detectron2").is_dir()]
