@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from detectron2.config import CfgNode as CN
 
 from .settings import MABNSettings
 
-__all__ = ["add_mabn_config", "settings_from_cfg"]
+__all__ = ["add_mabn_config", "settings_from_cfg", "CalibrationSettings",
+           "calibration_from_cfg"]
 
 _DEFAULTS = MABNSettings()
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """``MODEL.MABN.CALIBRATION``: measuring MABN statistics before fine-tuning."""
+
+    # "auto": when the loaded checkpoint left layers without statistics; "always"; "never".
+    mode: str = "auto"
+    num_batches: int = 20
+
+
+CALIBRATION_MODES = ("auto", "always", "never")
+_CALIBRATION_DEFAULTS = CalibrationSettings()
 
 
 def add_mabn_config(cfg: CN) -> CN:
@@ -25,6 +41,13 @@ def add_mabn_config(cfg: CN) -> CN:
     * ``CENTRALIZE_WEIGHTS`` (True): convs that feed MABN use centralized weights.
     * ``SYNC`` (False): take batch statistics over all processes (like SyncBN) instead of
       per process (the paper's per-GPU setting).
+    * ``CENTRALIZE_EXCLUDE`` ([]): module-name prefixes in the model built by ``build_model``
+      (e.g. ``"backbone.bottom_up"``) whose MABN-fed convs keep plain weights: pretrained
+      convs keep their function (see docs/finetuning.md).
+    * ``CALIBRATION.MODE`` ("auto"): before training, measure the statistics of MABN layers
+      converted from a checkpoint: ``"auto"`` when the checkpoint had layers without
+      statistics (frozen affine, norm-less convs), ``"always"``, or ``"never"``.
+    * ``CALIBRATION.NUM_BATCHES`` (20): training batches used by the calibration.
     """
     if "MABN" not in cfg.MODEL:
         cfg.MODEL.MABN = CN()
@@ -38,10 +61,17 @@ def add_mabn_config(cfg: CN) -> CN:
         "RENORM_CLIP": _DEFAULTS.renorm_clip,
         "CENTRALIZE_WEIGHTS": _DEFAULTS.centralize_weights,
         "SYNC": _DEFAULTS.sync,
+        "CENTRALIZE_EXCLUDE": list(_DEFAULTS.centralize_exclude),
     }
     for key, value in defaults.items():
         if key not in node:
             setattr(node, key, value)
+    if "CALIBRATION" not in node:
+        node.CALIBRATION = CN()
+    for key, value in (("MODE", _CALIBRATION_DEFAULTS.mode),
+                       ("NUM_BATCHES", _CALIBRATION_DEFAULTS.num_batches)):
+        if key not in node.CALIBRATION:
+            setattr(node.CALIBRATION, key, value)
     return cfg
 
 
@@ -82,4 +112,33 @@ def settings_from_cfg(cfg: CN) -> MABNSettings | None:
         renorm_clip=_number(node, "RENORM_CLIP", float, lambda v: v >= 1, ">= 1"),
         centralize_weights=flags["CENTRALIZE_WEIGHTS"],
         sync=flags["SYNC"],
+        centralize_exclude=_prefixes(node, "CENTRALIZE_EXCLUDE"),
     )
+
+
+def _prefixes(node: CN, key: str) -> tuple[str, ...]:
+    value = node.get(key, [])
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, str) and v and not v.startswith(".") and not v.endswith(".") for v in value
+    ):
+        raise ValueError(f"MODEL.MABN.{key} must be a list of module names such as "
+                         f"['backbone.bottom_up'], got {value!r}")
+    return tuple(value)
+
+
+def calibration_from_cfg(cfg: CN) -> CalibrationSettings:
+    """The validated ``MODEL.MABN.CALIBRATION`` settings (defaults where the node is absent).
+
+    Raises:
+        ValueError: naming the offending key.
+    """
+    node = cfg.MODEL.get("MABN", CN()).get("CALIBRATION", CN())
+    mode = node.get("MODE", _CALIBRATION_DEFAULTS.mode)
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(f"MODEL.MABN.CALIBRATION.MODE must be one of {CALIBRATION_MODES}, "
+                         f"got {mode!r}")
+    num_batches = node.get("NUM_BATCHES", _CALIBRATION_DEFAULTS.num_batches)
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"MODEL.MABN.CALIBRATION.NUM_BATCHES must be an integer >= 1, got "
+                         f"{num_batches!r}")
+    return CalibrationSettings(mode=mode, num_batches=num_batches)

@@ -15,6 +15,11 @@
 3. **DDP on the CPU.** ``DefaultTrainer`` wraps the model with ``create_ddp_model``, which
    passes ``device_ids=[local_rank]`` even for a CPU model, which DDP rejects; for CPU models
    the wrapper leaves ``device_ids`` as None so that multi-process CPU training (gloo) works.
+4. **Checkpoints into MABN models.** ``DetectionCheckpointer._load_model`` (used by
+   ``DefaultTrainer``, ``DefaultPredictor`` and every ``DetectionCheckpointer``) is wrapped:
+   for a model with MABN layers the checkpoint's state dict is converted first (BN/FrozenBN/
+   Caffe2 affine -> MABN by the exact fold, mismatches are errors; see
+   :mod:`mabn_d2.checkpoint`), then detectron2's own loading runs; other models are untouched.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import defaults as d2_defaults
 from detectron2.layers import batch_norm as d2_batch_norm
@@ -43,6 +49,7 @@ from fvcore.common.registry import Registry
 from torch import nn
 
 from .centralization import centralize_convs_feeding_mabn
+from .checkpoint import load_model_with_mabn_conversion
 from .config import settings_from_cfg
 from .mabn import MABN2d
 from .settings import MABNSettings, active_settings, build_mabn, use_settings
@@ -134,14 +141,23 @@ def _rebind_get_norm(original: Callable, patched: Callable) -> list[str]:
 
 def finalize_mabn_model(model: nn.Module, settings: MABNSettings) -> None:
     """Post-build steps for a module built with MABN: centralize the convs feeding MABN
-    (if ``settings.centralize_weights``) and give each MABN layer its name for messages."""
+    (if ``settings.centralize_weights``, except under ``settings.centralize_exclude``) and
+    give each MABN layer its name for messages."""
     has_mabn = False
     for name, module in model.named_modules():
         if isinstance(module, MABN2d):
             module._mabn_name = name
             has_mabn = True
     if has_mabn and settings.centralize_weights:
-        centralize_convs_feeding_mabn(model)
+        centralize_convs_feeding_mabn(model, include=settings.centralizes)
+        names = [name for name, _ in model.named_modules()]
+        for prefix in settings.centralize_exclude:
+            if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+                logger.warning(
+                    "MODEL.MABN.CENTRALIZE_EXCLUDE entry %r names no module of the built %s "
+                    "(names are those of the model built by build_model, e.g. "
+                    "'backbone.bottom_up')", prefix, type(model).__name__,
+                )
 
 
 def _first_cfg(args: tuple, kwargs: dict) -> CfgNode | None:
@@ -213,10 +229,29 @@ def _patch_create_ddp_model() -> bool:
     return True
 
 
+def _patch_checkpointer() -> bool:
+    """Convert checkpoints for MABN models in ``DetectionCheckpointer._load_model`` (before
+    detectron2's name matching and fvcore's shape filter drop what does not fit). Returns
+    whether this call patched it."""
+    original = DetectionCheckpointer._load_model
+    if getattr(original, _MARK, False):
+        return False
+
+    @functools.wraps(original)
+    def _load_model(self: DetectionCheckpointer, checkpoint: dict[str, Any]) -> Any:
+        return load_model_with_mabn_conversion(self, checkpoint, original)
+
+    setattr(_load_model, _MARK, True)
+    DetectionCheckpointer._load_model = _load_model
+    return True
+
+
 def register_mabn() -> None:
     """Register ``"MABN"`` into detectron2 (idempotent; logs what it changed)."""
     if _patch_create_ddp_model():
         logger.info("mabn_d2: detectron2.engine.defaults.create_ddp_model accepts CPU models")
+    if _patch_checkpointer():
+        logger.info("mabn_d2: DetectionCheckpointer converts BN checkpoints for MABN models")
     original = _original_get_norm()
     patched = d2_batch_norm.get_norm
     if not getattr(patched, _MARK, False):

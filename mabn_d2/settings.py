@@ -30,11 +30,21 @@ class MABNSettings:
     renorm_clip: float = 5.0
     centralize_weights: bool = True
     sync: bool = False
+    # Module-name prefixes (e.g. "backbone.bottom_up") whose MABN-fed convs keep plain weights.
+    centralize_exclude: tuple[str, ...] = ()
 
     def layer_kwargs(self) -> dict:
         kwargs = asdict(self)
         kwargs.pop("centralize_weights")
+        kwargs.pop("centralize_exclude")
         return kwargs
+
+    def centralizes(self, conv_name: str) -> bool:
+        """Whether the MABN-fed conv ``conv_name`` (its name in the built model) is centralized."""
+        return self.centralize_weights and not any(
+            conv_name == prefix or conv_name.startswith(prefix + ".")
+            for prefix in self.centralize_exclude
+        )
 
 
 _ACTIVE: contextvars.ContextVar[MABNSettings | None] = contextvars.ContextVar(

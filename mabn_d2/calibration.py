@@ -1,0 +1,292 @@
+"""Measuring MABN statistics on data: calibration before fine-tuning, and MABN's PreciseBN.
+
+Both run batches through the model with every MABN layer side-effect free (eval mode: no
+iteration count, buffer or running-statistic update) while forward hooks record, per layer,
+the second moment of its input ``chi2 = mean_{N,H,W}(x^2)`` over all batches (weighted by
+``N*H*W``, so the result is the population second moment even when the number of RoIs varies).
+
+* :func:`calibrate_mabn` (before training, for layers converted from weights without usable
+  statistics): the layers compute their current eval function during the pass, and each
+  layer's ``running_second_moment`` becomes the measured ``s`` with ``weight`` compensated,
+  ``weight *= sqrt(s + eps) / sqrt(s_old + eps)``, so the eval function is unchanged. As no
+  layer's function changes, the inputs of every layer are those of the final model, and one
+  pass calibrates all layers at once, whatever their order. ``chi2_buffer`` receives the
+  per-batch values. MABN's training mode (batch statistics for the first ``max(m, warmup)``
+  steps) then computes ``weight * x / sqrt(chi2_B + eps) + bias``, close to the pretrained
+  ``weight * x / sqrt(s + eps) + bias`` because ``chi2_B`` is close to ``s``.
+* :func:`precise_mabn_stats` (after training, ``TEST.PRECISE_BN``): the statistics are
+  recomputed for the fixed weights, which changes the eval function of each layer and hence
+  the input of the next. As detectron2's PreciseBN does for BN, every layer normalizes with
+  its batch statistic during the pass (the hooks replace the output by
+  ``weight * x / sqrt(chi2_B + eps) + bias``), so each layer's statistics are those of its
+  input under training-mode normalization, independent of the other layers' old running
+  statistics; ``running_second_moment`` becomes their population value; weights, moving-average
+  buffers and iteration counts are untouched.
+
+In a multi-process job the sums are all-reduced, so every process sets the same values (the
+weights of a DDP model must stay identical across processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
+from torch import Tensor, nn
+
+from .convert import NO_STATISTICS, SOURCE_BN
+from .functional import mabn_eval
+from .mabn import MABN2d
+
+__all__ = [
+    "CalibrationReport",
+    "calibrate_mabn",
+    "precise_mabn_stats",
+    "mabn_layers",
+    "layers_to_calibrate",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def mabn_layers(model: nn.Module) -> dict[str, MABN2d]:
+    """``{name: layer}`` of every MABN layer of ``model`` (DDP is unwrapped)."""
+    model = getattr(model, "module", model)
+    return {name: m for name, m in model.named_modules() if isinstance(m, MABN2d)}
+
+
+def layers_to_calibrate(model: nn.Module, mode: str = "auto") -> dict[str, MABN2d]:
+    """The layers :func:`calibrate_mabn` should measure for ``MODEL.MABN.CALIBRATION.MODE``.
+
+    Candidates are the layers converted from another normalization (``_mabn_source`` set by
+    checkpoint loading or :func:`mabn_d2.convert_bn_to_mabn`: BN statistics, frozen affine,
+    norm-less conv); layers of an MABN checkpoint keep their statistics, and new layers keep
+    MABN's own initialization (``weight = 1``: they normalize, they do not reproduce anything).
+    A layer that was never loaded or converted (no ``_mabn_source``) is a candidate only for
+    ``"always"``.
+
+    * ``"auto"``: the candidates, if at least one of them has no statistics; else none.
+    * ``"always"``: the candidates (every layer without a recorded source included).
+    * ``"never"``: none.
+    """
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"calibration mode must be 'auto', 'always' or 'never', got {mode!r}")
+    layers = mabn_layers(model)
+    sources = {name: getattr(layer, "_mabn_source", None) for name, layer in layers.items()}
+    converted = (SOURCE_BN, *NO_STATISTICS)
+    if mode == "never":
+        return {}
+    if mode == "always":
+        return {n: m for n, m in layers.items() if sources[n] in (*converted, None)}
+    if not any(source in NO_STATISTICS for source in sources.values()):
+        return {}
+    return {n: m for n, m in layers.items() if sources[n] in converted}
+
+
+@dataclass
+class _Moments:
+    """Per-layer accumulators: float64 sums of ``x^2`` and element counts per channel."""
+
+    total: Tensor
+    count: int = 0
+    batch_total: Tensor | None = None
+    batch_count: int = 0
+    batch_values: list[Tensor] = field(default_factory=list)
+
+    def add(self, x: Tensor) -> Tensor:
+        sum_sq = x.detach().double().square().sum(dim=(0, 2, 3))
+        n = x.numel() // x.shape[1]
+        self.batch_total = sum_sq if self.batch_total is None else self.batch_total + sum_sq
+        self.batch_count += n
+        return sum_sq / n
+
+    def end_batch(self) -> None:
+        if self.batch_total is None:
+            return
+        self.total += self.batch_total.to(self.total.device)
+        self.count += self.batch_count
+        self.batch_values.append((self.batch_total / self.batch_count).float())
+        self.batch_total, self.batch_count = None, 0
+
+
+@contextlib.contextmanager
+def _recording(layers: dict[str, MABN2d], model: nn.Module, batch_normalize: bool
+               ) -> Iterator[dict[str, _Moments]]:
+    """Within the block, ``layers`` (and any BatchNorm) run side-effect free and record the
+    second moments of their inputs; with ``batch_normalize``, the MABN layers' outputs use
+    each call's batch statistic instead of the running one."""
+    moments = {name: _Moments(torch.zeros(m.num_features, dtype=torch.float64))
+               for name, m in layers.items()}
+    stateful = [m for m in getattr(model, "module", model).modules()
+                if isinstance(m, (MABN2d, nn.modules.batchnorm._BatchNorm))]
+    modes = [m.training for m in stateful]
+
+    def hook_for(acc: _Moments):
+        def hook(module: MABN2d, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+            x = inputs[0]
+            if x.numel() == 0:
+                return None
+            chi2 = acc.add(x)
+            if batch_normalize:
+                return mabn_eval(x, module.weight, module.bias, chi2.to(torch.float32),
+                                 module.eps)
+            return None
+
+        return hook
+
+    handles = [layers[name].register_forward_hook(hook_for(acc)) for name, acc in moments.items()]
+    try:
+        for m in stateful:
+            m.train(False)
+        yield moments
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in zip(stateful, modes):
+            m.train(mode)
+
+
+def _run(model: nn.Module, data: Iterable[Any], num_batches: int,
+         moments: dict[str, _Moments]) -> int:
+    done = 0
+    with torch.no_grad(), EventStorage():  # detectron2 models log events while training
+        for batch in itertools.islice(data, num_batches):
+            model(batch)
+            for acc in moments.values():
+                acc.end_batch()
+            done += 1
+    if done == 0:
+        raise ValueError("MABN calibration: the data loader produced no batch")
+    return done
+
+
+def _population_second_moments(moments: dict[str, _Moments]) -> dict[str, Tensor | None]:
+    """``sum x^2 / count`` per layer (all-reduced over processes); None for unseen layers."""
+    names = sorted(moments)
+    if comm.get_world_size() > 1:
+        totals = torch.stack([moments[n].total for n in names])
+        counts = torch.tensor([float(moments[n].count) for n in names], dtype=torch.float64)
+        backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        totals, counts = totals.to(backend_device), counts.to(backend_device)
+        torch.distributed.all_reduce(totals)
+        torch.distributed.all_reduce(counts)
+        for i, name in enumerate(names):
+            moments[name].total = totals[i].cpu()
+            moments[name].count = int(counts[i].item())
+    return {n: (moments[n].total / moments[n].count if moments[n].count else None)
+            for n in names}
+
+
+@dataclass
+class CalibrationReport:
+    """What a calibration / precise-statistics pass did.
+
+    Attributes:
+        num_batches: batches run through the model.
+        updated: ``{layer: (old s, new s)}``, mean over channels, for each updated layer.
+        unseen: layers that received no input (e.g. a head without RoIs): left unchanged.
+    """
+
+    num_batches: int
+    updated: dict[str, tuple[float, float]] = field(default_factory=dict)
+    unseen: list[str] = field(default_factory=list)
+
+
+def _select(model: nn.Module, layers: Sequence[str] | dict[str, MABN2d] | None
+            ) -> dict[str, MABN2d]:
+    everything = mabn_layers(model)
+    if layers is None:
+        return everything
+    if isinstance(layers, dict):
+        return dict(layers)
+    unknown = [n for n in layers if n not in everything]
+    if unknown:
+        raise KeyError(f"not MABN layers of the model: {unknown}")
+    return {n: everything[n] for n in layers}
+
+
+def _measure(model: nn.Module, data: Iterable[Any], num_batches: int,
+             layers: Sequence[str] | dict[str, MABN2d] | None, calibrate: bool
+             ) -> CalibrationReport:
+    """Record second moments (eval function kept for ``calibrate``, batch-normalized
+    otherwise) and set the statistics (weight compensated and ``chi2_buffer`` filled for
+    ``calibrate``)."""
+    selected = _select(model, layers)
+    if not selected:
+        return CalibrationReport(0)
+    with _recording(selected, model, batch_normalize=not calibrate) as moments:
+        done = _run(model, data, num_batches, moments)
+    report = CalibrationReport(done)
+    for name, s_new in _population_second_moments(moments).items():
+        layer = selected[name]
+        if s_new is None:
+            report.unseen.append(name)
+            continue
+        with torch.no_grad():
+            s_old = layer.running_second_moment.double().cpu()
+            if calibrate:
+                factor = torch.sqrt((s_new + layer.eps) / (s_old + layer.eps))
+                layer.weight.mul_(factor.to(layer.weight))
+                values = moments[name].batch_values
+                for slot in range(layer.buffer_size):
+                    layer.chi2_buffer[slot].copy_(values[slot % len(values)])
+            layer.running_second_moment.copy_(s_new.to(layer.running_second_moment))
+        report.updated[name] = (float(s_old.mean()), float(s_new.mean()))
+    if report.unseen:
+        logger.warning("mabn_d2: %d MABN layers saw no input and keep their statistics: %s",
+                       len(report.unseen), ", ".join(report.unseen[:5]))
+    return report
+
+
+def calibrate_mabn(
+    model: nn.Module,
+    data: Iterable[Any],
+    num_batches: int = 20,
+    layers: Sequence[str] | dict[str, MABN2d] | None = None,
+) -> CalibrationReport:
+    """Set the statistics of MABN layers from data, preserving the eval function.
+
+    See the module docstring. The model is called as ``model(batch)`` for ``num_batches``
+    batches of ``data`` in its current mode (a detectron2 model in training mode takes the
+    training data flow: proposals sampled against the ground truth), without gradients.
+
+    Args:
+        model: a model with MABN layers (DDP-wrapped or not).
+        data: an iterable of model inputs (e.g. detectron2's training data loader).
+        num_batches: how many batches to use (fewer if ``data`` ends first).
+        layers: names (as in ``model.named_modules()``, DDP unwrapped) or ``{name: layer}``;
+            default: every MABN layer.
+
+    Returns:
+        a :class:`CalibrationReport`.
+    """
+    report = _measure(model, data, num_batches, layers, calibrate=True)
+    logger.info("mabn_d2: calibrated %d MABN layers on %d batches (mean running second "
+                "moment before -> after, first layers: %s)", len(report.updated),
+                report.num_batches, ", ".join(f"{n}: {a:.3g} -> {b:.3g}"
+                                              for n, (a, b) in list(report.updated.items())[:3]))
+    return report
+
+
+def precise_mabn_stats(
+    model: nn.Module,
+    data: Iterable[Any],
+    num_batches: int = 200,
+    layers: Sequence[str] | dict[str, MABN2d] | None = None,
+) -> CalibrationReport:
+    """MABN's PreciseBN: recompute ``running_second_moment`` of every MABN layer as the
+    population second moment of its input over ``num_batches`` batches, for the current
+    weights (see the module docstring; weights, buffers and iteration counts unchanged).
+    Arguments as :func:`calibrate_mabn`.
+    """
+    report = _measure(model, data, num_batches, layers, calibrate=False)
+    logger.info("mabn_d2: precise statistics of %d MABN layers from %d batches",
+                len(report.updated), report.num_batches)
+    return report

@@ -1,0 +1,116 @@
+"""detectron2 training hooks: MABN calibration before training, MABN PreciseBN after.
+
+``MABNTrainer`` adds them (see :meth:`mabn_d2.engine.MABNTrainer.build_mabn_hooks`); with a
+plain ``DefaultTrainer`` add them to ``build_hooks``::
+
+    hooks.insert(-2, MABNCalibrationHook.from_config(cfg, self.model, self.build_train_loader))
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from detectron2.config import CfgNode
+from detectron2.engine import HookBase
+from torch import nn
+
+from .calibration import calibrate_mabn, layers_to_calibrate, mabn_layers, precise_mabn_stats
+from .config import calibration_from_cfg
+
+__all__ = ["MABNCalibrationHook", "MABNPreciseBN", "build_mabn_hooks"]
+
+logger = logging.getLogger(__name__)
+
+
+class MABNCalibrationHook(HookBase):
+    """Before the first iteration, calibrate the MABN layers converted from a checkpoint
+    (:func:`mabn_d2.calibrate_mabn`; which layers: :func:`mabn_d2.calibration.
+    layers_to_calibrate` for ``mode``). Runs after ``resume_or_load``, so a resumed MABN run
+    (layers from an MABN checkpoint) is not calibrated again."""
+
+    def __init__(self, model: nn.Module, data_loader: Iterable[Any] | Callable[[], Iterable[Any]],
+                 num_batches: int, mode: str = "auto") -> None:
+        """
+        Args:
+            model: the trained model (DDP-wrapped or not).
+            data_loader: training batches, or a function building them (called only if the
+                calibration runs, so no loader is built for nothing).
+            num_batches: batches used.
+            mode: ``"auto"``, ``"always"`` or ``"never"`` (``MODEL.MABN.CALIBRATION.MODE``).
+        """
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"MABNCalibrationHook: mode must be 'auto', 'always' or 'never', "
+                             f"got {mode!r}")
+        self._model = model
+        self._data = data_loader
+        self._num_batches = num_batches
+        self._mode = mode
+        self.report = None
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, model: nn.Module,
+                    build_loader: Callable[[CfgNode], Iterable[Any]]) -> MABNCalibrationHook:
+        """The hook for ``MODEL.MABN.CALIBRATION`` (validated); ``build_loader(cfg)`` builds
+        the training loader when the calibration runs."""
+        settings = calibration_from_cfg(cfg)
+        return cls(model, lambda: build_loader(cfg), settings.num_batches, settings.mode)
+
+    def before_train(self) -> None:
+        layers = layers_to_calibrate(self._model, self._mode)
+        if not layers:
+            logger.info("mabn_d2: MABN calibration (mode %r): nothing to calibrate", self._mode)
+            return
+        data = self._data() if callable(self._data) else self._data
+        self.report = calibrate_mabn(self._model, data, self._num_batches, layers=layers)
+
+
+class MABNPreciseBN(HookBase):
+    """detectron2's ``PreciseBN`` hook for MABN layers (detectron2's only finds BN types):
+    every ``period`` iterations and after the last, :func:`mabn_d2.precise_mabn_stats` over
+    ``num_iter`` batches of a separate data loader."""
+
+    def __init__(self, period: int, model: nn.Module, data_loader: Iterable[Any],
+                 num_iter: int) -> None:
+        self._model = model
+        self._period = period
+        self._num_iter = num_iter
+        self._data_loader = data_loader
+        self._data_iter = None
+        self._disabled = not mabn_layers(model)
+        if self._disabled:
+            logger.info("mabn_d2: MABN PreciseBN is disabled: the model has no MABN layers")
+
+    def after_step(self) -> None:
+        next_iter = self.trainer.iter + 1
+        if next_iter == self.trainer.max_iter or (self._period > 0
+                                                  and next_iter % self._period == 0):
+            self.update_stats()
+
+    def update_stats(self) -> None:
+        """Recompute the running statistics now (may be called by hand)."""
+        if self._disabled:
+            return
+        if self._data_iter is None:
+            self._data_iter = iter(self._data_loader)
+        logger.info("mabn_d2: MABN PreciseBN over %d batches ...", self._num_iter)
+        precise_mabn_stats(self._model, itertools.islice(self._data_iter, self._num_iter),
+                           self._num_iter)
+
+
+def build_mabn_hooks(cfg: CfgNode, model: nn.Module,
+                     build_train_loader: Callable[[CfgNode], Iterable[Any]]) -> list[HookBase]:
+    """The hooks a trainer of an MABN model adds: calibration (``MODEL.MABN.CALIBRATION``)
+    and, with ``TEST.PRECISE_BN.ENABLED``, MABN PreciseBN at ``TEST.EVAL_PERIOD``.
+
+    ``cfg`` should have ``DATALOADER.NUM_WORKERS`` as wanted for these extra loaders
+    (detectron2's ``build_hooks`` uses 0)."""
+    if not mabn_layers(model):
+        return []
+    hooks: list[HookBase] = [MABNCalibrationHook.from_config(cfg, model, build_train_loader)]
+    if cfg.TEST.PRECISE_BN.ENABLED:
+        hooks.append(MABNPreciseBN(cfg.TEST.EVAL_PERIOD, model, build_train_loader(cfg),
+                                   cfg.TEST.PRECISE_BN.NUM_ITER))
+    return hooks

@@ -1,0 +1,217 @@
+"""BN -> MABN: the exact fold on modules (any PyTorch model) and on checkpoint files."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import io
+import pickle
+
+import pytest
+import torch
+import torchvision
+from conftest import REPO
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_backbone
+from finetune_helpers import c2_name, relative_l2
+from torch import nn
+
+from mabn_d2 import MABN2d, add_mabn_config
+from mabn_d2.convert import (
+    SOURCE_AFFINE,
+    SOURCE_BN,
+    SOURCE_IDENTITY,
+    SOURCE_NEW,
+    convert_bn_to_mabn,
+    fold_bn,
+)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters (random init has mean 0, var 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.25)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+    return model
+
+
+def test_fold_is_the_specified_formula():
+    gen = torch.Generator().manual_seed(0)
+    gamma, beta = torch.rand(6, generator=gen) + 0.5, torch.randn(6, generator=gen)
+    mean, var = torch.randn(6, generator=gen), torch.rand(6, generator=gen) + 0.1
+    folded = fold_bn(6, weight=gamma, bias=beta, running_mean=mean, running_var=var,
+                     bn_eps=1e-5, mabn_eps=1e-3)
+    s = var + mean**2
+    torch.testing.assert_close(folded.running_second_moment, s)
+    torch.testing.assert_close(folded.weight, gamma * torch.sqrt(s + 1e-3) / torch.sqrt(var + 1e-5))
+    torch.testing.assert_close(folded.bias, beta - gamma * mean / torch.sqrt(var + 1e-5))
+    assert folded.has_statistics
+    affine = fold_bn(6, weight=gamma, bias=beta, running_mean=torch.zeros(6),
+                     running_var=torch.ones(6) - 1e-5)
+    assert not affine.has_statistics
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(6,\)"):
+        fold_bn(6, running_mean=torch.zeros(5), running_var=torch.ones(6))
+
+
+def test_torchvision_resnet18_eval_outputs_equal():
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    converted = convert_bn_to_mabn(copy.deepcopy(model), buffer_size=8)
+    norms = [m for m in converted.modules() if isinstance(m, MABN2d)]
+    assert len(norms) == 20 and not any(isinstance(m, nn.BatchNorm2d)
+                                        for m in converted.modules())
+    assert all(m.buffer_size == 8 and m.eps == 1e-5 and m._mabn_source == SOURCE_BN
+               for m in norms)
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        assert relative_l2(converted(x), model(x)) < 1e-5
+    # Training mode with batch statistics runs and the parameters train.
+    converted.train()
+    converted(x).sum().backward()
+    assert all(m.weight.grad is not None for m in norms)
+
+
+@pytest.mark.parametrize("kind", ["frozen_d2", "frozen_tv", "sync", "no_affine"])
+def test_other_bn_types_convert_exactly(kind):
+    torch.manual_seed(0)
+    make = {
+        "frozen_d2": lambda: FrozenBatchNorm2d(5),
+        "frozen_tv": lambda: torchvision.ops.misc.FrozenBatchNorm2d(5),
+        "sync": lambda: nn.SyncBatchNorm(5),
+        "no_affine": lambda: nn.BatchNorm2d(5, affine=False),
+    }[kind]
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 5, 3), make(), nn.ReLU())).eval()
+    converted = convert_bn_to_mabn(copy.deepcopy(model))
+    mabn = converted[1]
+    assert isinstance(mabn, MABN2d) and not mabn.training
+    # Trainable where the source's affine was (frozen BN and affine=False BN: not).
+    assert mabn.weight.requires_grad is (kind == "sync")
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        assert relative_l2(converted(x), model(x)) < 1e-5
+
+
+def test_a_bn_module_itself_is_replaced_and_untracked_bn_keeps_gamma_beta():
+    bn = randomize_bn(nn.BatchNorm2d(4)).train()
+    out = convert_bn_to_mabn(bn, momentum=0.1)
+    assert isinstance(out, MABN2d) and out is not bn and out.training and out.momentum == 0.1
+    untracked = nn.BatchNorm2d(4, track_running_stats=False)
+    with torch.no_grad():
+        untracked.weight.fill_(2.0)
+    mabn = convert_bn_to_mabn(untracked)
+    assert mabn._mabn_source == SOURCE_NEW and torch.equal(mabn.weight, torch.full((4,), 2.0))
+
+
+def small_backbone_cfg(norm: str, **mabn):
+    cfg = add_mabn_config(get_cfg())
+    cfg.merge_from_list(["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+                         "MODEL.RESNETS.NORM", norm, "MODEL.BACKBONE.FREEZE_AT", "0",
+                         "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']"])
+    for key, value in mabn.items():
+        setattr(cfg.MODEL.MABN, key, value)
+    return cfg
+
+
+def outputs(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def test_norm_less_convs_load_as_identity_mabn(tmp_path):
+    # A checkpoint of an FPN without norm (convs with bias) into an FPN with MABN: the conv
+    # bias becomes the MABN bias and the layer is an identity: same function.
+    torch.manual_seed(0)
+    plain = build_backbone(_fpn_cfg(""))
+    for name, param in plain.named_parameters():
+        if name.startswith("fpn_") and name.endswith("bias"):
+            param.data.normal_()
+    DetectionCheckpointer(plain, str(tmp_path)).save("fpn_plain")
+    mabn = build_backbone(_fpn_cfg("MABN", CENTRALIZE_WEIGHTS=False))
+    checkpointer = DetectionCheckpointer(mabn)
+    checkpointer.load(str(tmp_path / "fpn_plain.pth"))
+    report = checkpointer.mabn_load_report
+    assert len(report.names(SOURCE_IDENTITY)) == 8  # 4 lateral + 4 output convs
+    x = torch.randn(1, 3, 64, 64)
+    for key, ref in outputs(plain, x).items():
+        assert relative_l2(outputs(mabn, x)[key], ref) < 1e-5, key
+
+
+def _fpn_cfg(fpn_norm: str, **mabn):
+    cfg = small_backbone_cfg("BN", **mabn)
+    cfg.merge_from_list(["MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODEL.FPN.NORM",
+                         fpn_norm, "MODEL.FPN.OUT_CHANNELS", "32",
+                         "MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']"])
+    return cfg
+
+
+def run_tool(*args: str) -> tuple[int, str]:
+    """``tools/convert_checkpoint.py ARGS`` in this process: (exit code, stdout + stderr)."""
+    spec = importlib.util.spec_from_file_location("convert_checkpoint",
+                                                  REPO / "tools/convert_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = tool.main(list(args))
+    return code, out.getvalue()
+
+
+def test_tool_converts_a_plain_pytorch_state_dict(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    code, output = run_tool(str(tmp_path / "r18.pth"), str(tmp_path / "r18_mabn.pth"),
+                            "--buffer-size", "4")
+    assert code == 0, output
+    assert "20 norm layers converted" in output
+    target = convert_bn_to_mabn(torchvision.models.resnet18(num_classes=10), buffer_size=4)
+    target.load_state_dict(torch.load(tmp_path / "r18_mabn.pth")["model"])  # strict
+    x = torch.randn(2, 3, 48, 48)
+    assert relative_l2(outputs(target, x), outputs(model, x)) < 1e-5
+
+
+def test_tool_converts_a_caffe2_pkl_and_the_result_loads_into_mabn(tmp_path):
+    torch.manual_seed(0)
+    bn = randomize_bn(build_backbone(small_backbone_cfg("BN")))
+    blobs = {c2_name(k): v.numpy() for k, v in bn.state_dict().items()
+             if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    # As in R-50.pkl: the affine with the statistics folded in, no statistics.
+    for key, value in bn.state_dict().items():
+        if key.endswith("norm.weight"):
+            module = key[: -len(".weight")]
+            state = bn.state_dict()
+            scale = value / torch.sqrt(state[f"{module}.running_var"] + 1e-5)
+            blobs[c2_name(key)] = scale.numpy()
+            blobs[c2_name(f"{module}.bias")] = (
+                state[f"{module}.bias"] - scale * state[f"{module}.running_mean"]).numpy()
+    with open(tmp_path / "R-18.pkl", "wb") as f:
+        pickle.dump({"blobs": blobs, "__author__": "test"}, f)
+    code, output = run_tool(str(tmp_path / "R-18.pkl"), str(tmp_path / "R-18-mabn.pth"))
+    assert code == 0, output
+    mabn = build_backbone(small_backbone_cfg("MABN", CENTRALIZE_WEIGHTS=False))
+    checkpointer = DetectionCheckpointer(mabn)
+    checkpointer.load(str(tmp_path / "R-18-mabn.pth"))
+    # The converted file remembers that these layers have no statistics (to calibrate).
+    assert len(checkpointer.mabn_load_report.names(SOURCE_AFFINE)) == 20
+    x = torch.randn(1, 3, 64, 64)
+    for key, ref in outputs(bn, x).items():
+        # 1e-4, not 1e-5: like detectron2's FrozenBatchNorm2d loading Caffe2 weights, the
+        # affine is divided by sqrt(1 + eps) (5e-6 per layer).
+        assert relative_l2(outputs(mabn, x)[key], ref) < 1e-4, key
+
+
+def test_tool_rejects_a_non_pth_output(tmp_path):
+    torch.save({"a.weight": torch.ones(1)}, tmp_path / "x.pth")
+    code, output = run_tool(str(tmp_path / "x.pth"), str(tmp_path / "y.pkl"))
+    assert code == 1 and "must be a .pth" in output
