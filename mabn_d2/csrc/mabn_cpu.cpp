@@ -44,6 +44,8 @@ constexpr int64_t kSegment = 1 << 16;
 constexpr int64_t kReduceChunks = 64;
 // Independent accumulators in the innermost loops (hides the add latency; maps to vector lanes).
 constexpr int64_t kLanes = 32;
+// Fewer elements than this are not worth waking other threads for.
+constexpr int64_t kParallelMin = int64_t{1} << 15;
 
 template <typename T>
 struct Acc {
@@ -126,7 +128,9 @@ std::vector<double> chunked_channel_sums(const Layout& lay, int n_out, const Bod
   const int64_t per_chunk = (lay.units + chunks - 1) / chunks;
   const int64_t width = lay.channels * n_out;
   std::vector<double> partial(chunks * width, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+  // Small tensors: one thread (same chunks, same sums) instead of a parallel region.
+  const int64_t grain = lay.units * std::min(lay.plane, kSegment) < kParallelMin ? chunks : 1;
+  at::parallel_for(0, chunks, grain, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       double* out = partial.data() + k * width;
       const int64_t u1 = std::min(lay.units, (k + 1) * per_chunk);
@@ -214,8 +218,9 @@ void axpby_segment(const scalar_t* __restrict__ dy, const scalar_t* __restrict__
 // Elementwise pass over all units, in parallel; `body(c, begin, end)`.
 template <typename Body>
 void for_each_unit(const Layout& lay, const Body& body) {
-  // At least ~32K elements per task so small tensors do not pay for threading.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, lay.plane));
+  // At least kParallelMin elements per task so small tensors do not pay for threading.
+  const int64_t grain =
+      std::max<int64_t>(1, kParallelMin / std::max<int64_t>(1, std::min(lay.plane, kSegment)));
   at::parallel_for(0, lay.units, grain, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       int64_t c, begin, end;

@@ -1,0 +1,206 @@
+"""fuse_mabn: eval-mode MABN (and weight centralization) folded into the preceding convs."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import sys
+import types
+
+import pytest
+import torch
+from conftest import CONFIGS
+from detectron2.config import get_cfg
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from torch import nn
+
+from mabn_d2 import CentralizedConv2d, MABN2d, add_mabn_config, fuse_mabn
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def randomize_mabn(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial eval statistics and affine parameters in every MABN layer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MABN2d):
+                c = m.num_features
+                m.running_second_moment.copy_(torch.rand(c, generator=g) * 3 + 0.2)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+
+
+class SmallNet(nn.Module):
+    """Every kind of conv + MABN pairing fuse_mabn meets, and one it cannot fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.centralized = CentralizedConv2d(3, 8, 3, padding=1, bias=False, norm=MABN2d(8),
+                                             activation=nn.ReLU())
+        self.with_bias = Conv2d(8, 8, 3, padding=1, bias=True, norm=MABN2d(8))
+        self.grouped = CentralizedConv2d(8, 8, 3, padding=1, groups=4, bias=False,
+                                         norm=MABN2d(8), activation=nn.ReLU())
+        self.plain_conv = nn.Sequential(nn.Conv2d(8, 4, 1), MABN2d(4))  # not foldable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.plain_conv(self.grouped(self.with_bias(self.centralized(x))))
+
+
+def trained_small_net() -> SmallNet:
+    torch.manual_seed(0)
+    net = SmallNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(30):  # real running statistics, moved weights
+        loss = net(torch.randn(2, 3, 12, 12) * 2 + 0.5).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def test_fuse_small_model_matches_and_removes_every_mabn():
+    net = trained_small_net()
+    assert net.with_bias.norm.running_second_moment.sub(1).abs().max() > 0.05
+    fused = fuse_mabn(net)
+    assert fused is not net and any(isinstance(m, MABN2d) for m in net.modules())
+    assert not any(isinstance(m, (MABN2d, CentralizedConv2d)) for m in fused.modules())
+    for name in ("centralized", "with_bias", "grouped"):
+        conv = getattr(fused, name)
+        assert type(conv) is Conv2d and conv.norm is None and conv.bias is not None
+    assert isinstance(fused.centralized.activation, nn.ReLU)
+    assert isinstance(fused.plain_conv[1], FrozenBatchNorm2d)
+    x = torch.randn(3, 3, 16, 20) * 3
+    with torch.no_grad():
+        assert rel_err(fused(x), net(x)) < 1e-5
+        empty = fused(torch.zeros(0, 3, 16, 20))
+    assert empty.shape == (0, 4, 16, 20)
+
+
+def test_fuse_in_place_and_keeps_gradients_flowing():
+    net = trained_small_net()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = net(x)
+    assert fuse_mabn(net, inplace=True) is net
+    y = net(x)
+    assert rel_err(y, expected) < 1e-5
+    y.sum().backward()  # the fused convs are ordinary trainable layers
+    assert net.centralized.bias.grad is not None
+
+
+def test_fuse_refuses_training_mode():
+    net = trained_small_net().train()
+    with pytest.raises(RuntimeError, match="training mode.*model.eval"):
+        fuse_mabn(net)
+    net.eval()
+    net.grouped.norm.train()  # a single MABN layer left in training mode
+    with pytest.raises(RuntimeError, match="grouped.norm"):
+        fuse_mabn(net)
+
+
+def mask_rcnn_cfg():
+    cfg = get_cfg()
+    add_mabn_config(cfg)
+    cfg.merge_from_file(str(CONFIGS / "mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.INPUT.MIN_SIZE_TEST = 128
+    cfg.INPUT.MAX_SIZE_TEST = 192
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 200
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # keep detections of a random model
+    cfg.TEST.DETECTIONS_PER_IMAGE = 10
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def mask_rcnn():
+    torch.manual_seed(0)
+    model = build_model(mask_rcnn_cfg())
+    randomize_mabn(model)
+    return model.eval()
+
+
+def mabn_components(model: nn.Module, image: torch.Tensor, dtype: torch.dtype):
+    """Outputs of the parts of Mask R-CNN that hold MABN layers: backbone + FPN, the conv box
+    head and the mask head (the latter two on fixed pooled features)."""
+    g = torch.Generator().manual_seed(3)
+    box_in = torch.randn(6, 256, 7, 7, generator=g).to(dtype)
+    mask_in = torch.randn(3, 256, 14, 14, generator=g).to(dtype)
+    with torch.no_grad():
+        out = dict(model.backbone(model.preprocess_image([{"image": image.to(dtype)}]).tensor))
+        out["box_head"] = model.roi_heads.box_head(box_in)
+        out["mask_head"] = model.roi_heads.mask_head.layers(mask_in)
+    return out
+
+
+def test_fuse_mask_rcnn_r50_fpn(mask_rcnn):
+    image = torch.rand(3, 128, 160) * 255
+    n_mabn = sum(isinstance(m, MABN2d) for m in mask_rcnn.modules())
+    assert n_mabn > 60
+    # float64: the folding itself is exact up to float64 rounding.
+    model64 = copy.deepcopy(mask_rcnn).double()
+    fused64 = fuse_mabn(model64)
+    assert not any(isinstance(m, (MABN2d, CentralizedConv2d, FrozenBatchNorm2d))
+                   for m in fused64.modules())
+    ref = mabn_components(model64, image, torch.float64)
+    got = mabn_components(fused64, image, torch.float64)
+    assert ref.keys() == got.keys() and {"p2", "p6", "box_head", "mask_head"} <= ref.keys()
+    for key in ref:
+        assert rel_err(got[key], ref[key]) < 1e-10, key
+    # float32: the fused model is as close to the exact result as the unfused one (a deep
+    # random-weight network amplifies float32 rounding to ~1e-4 in both).
+    fused32 = fuse_mabn(mask_rcnn)
+    unfused = mabn_components(mask_rcnn, image, torch.float32)
+    fused = mabn_components(fused32, image, torch.float32)
+    for key in ref:
+        assert rel_err(fused[key], ref[key]) <= 1.5 * rel_err(unfused[key], ref[key]) + 1e-6, key
+    with torch.no_grad():  # end to end, including an image batch with no detections
+        outputs = fused32([{"image": image}, {"image": torch.zeros(3, 128, 160)}])
+    assert len(outputs) == 2 and len(outputs[0]["instances"]) == 10
+
+
+def import_tracing_adapter():
+    """detectron2.export.TracingAdapter; v0.6's ``detectron2/export/__init__.py`` imports
+    caffe2 unconditionally, so without caffe2 the subpackage is registered bare and only
+    ``flatten`` (which defines TracingAdapter and needs no caffe2) is imported."""
+    try:
+        from detectron2.export import TracingAdapter
+
+        return TracingAdapter
+    except ModuleNotFoundError as e:
+        if "caffe2" not in str(e):
+            raise
+    import detectron2
+
+    for name in [m for m in sys.modules if m.startswith("detectron2.export")]:
+        del sys.modules[name]
+    package = types.ModuleType("detectron2.export")
+    package.__path__ = [f"{detectron2.__path__[0]}/export"]
+    sys.modules["detectron2.export"] = package
+    return importlib.import_module("detectron2.export.flatten").TracingAdapter
+
+
+def test_fused_mask_rcnn_traces_with_detectron2_export(mask_rcnn):
+    tracing_adapter = import_tracing_adapter()
+    fused = fuse_mabn(mask_rcnn)
+
+    def inference(model, image):
+        # As detectron2's own export tests: everything up to the (data-dependent) mask pasting.
+        return model.inference([{"image": image}], do_postprocess=False)[0]
+
+    images = [torch.rand(3, 128, 160) * 255 for _ in range(2)]
+    adapter = tracing_adapter(fused, images[0], inference)
+    with torch.no_grad():
+        traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+        for image in images:  # the second image was not seen while tracing
+            mine = adapter.outputs_schema(traced(image))
+            theirs = inference(fused, image)
+            assert len(mine) == len(theirs) == 10
+            torch.testing.assert_close(mine.pred_boxes.tensor, theirs.pred_boxes.tensor)
+            torch.testing.assert_close(mine.scores, theirs.scores)
+            torch.testing.assert_close(mine.pred_masks, theirs.pred_masks)
