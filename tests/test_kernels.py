@@ -1,0 +1,235 @@
+"""The kernels behind MABN2d (C++ CPU, Triton, plain) against float64 formulas."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import REPO
+
+from mabn_d2 import MABN2d, cpu_kernels, kernels
+
+# (dtype, relative tolerance of the outputs stored in that dtype, of float32/64 statistics)
+DTYPES = [
+    (torch.float64, 1e-12, 1e-12),
+    (torch.float32, 2e-6, 1e-5),
+    (torch.bfloat16, 1e-2, 1e-5),
+    (torch.float16, 2e-3, 1e-5),
+]
+# A tiny plane, detection-like planes, a box-head-like shape, and a plane longer than the C++
+# kernels' 65536-element segment.
+SHAPES = [(2, 3, 1, 1), (2, 5, 13, 17), (16, 8, 7, 7), (1, 2, 300, 260)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make_inputs(shape, dtype, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + 0.5).to(dtype)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    a = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    b = torch.randn(c, generator=g, dtype=torch.float64)
+    sdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return x, dy, a.to(sdtype), b.to(sdtype)
+
+
+def expected(x, dy, a, b):
+    """The four kernels' formulas in float64 on the (already rounded) inputs."""
+    x64, dy64, a64, b64 = x.double(), dy.double(), a.double(), b.double()
+    av, bv = a64.view(1, -1, 1, 1), b64.view(1, -1, 1, 1)
+    dims = (0, 2, 3)
+    return {
+        "second_moment": (x64 * x64).mean(dims),
+        "channel_affine": av * x64 + bv,
+        "sum_dy": dy64.sum(dims),
+        "sum_dy_x": (dy64 * x64).sum(dims),
+        "grad_input": av * dy64 + bv * x64,
+    }
+
+
+def run_kernels(x, dy, a, b):
+    sdtype = a.dtype
+    sum_dy, sum_dy_x = kernels.grad_reductions(dy, x, sdtype)
+    return {
+        "second_moment": kernels.second_moment(x, sdtype),
+        "channel_affine": kernels.channel_affine(x, a, b),
+        "sum_dy": sum_dy,
+        "sum_dy_x": sum_dy_x,
+        "grad_input": kernels.grad_input(dy, x, a, b),
+    }
+
+
+def check_against_formulas(got, want, x, dy, out_tol, stat_tol):
+    for key in ("channel_affine", "grad_input"):
+        assert got[key].dtype == x.dtype and got[key].shape == x.shape, key
+        assert torch.isfinite(got[key]).all(), key
+        assert rel_err(got[key], want[key]) < out_tol, (key, rel_err(got[key], want[key]))
+    assert got["second_moment"].dtype == (torch.float64 if x.dtype == torch.float64
+                                          else torch.float32)
+    assert rel_err(got["second_moment"], want["second_moment"]) < stat_tol
+    assert rel_err(got["sum_dy"], want["sum_dy"]) < stat_tol * 10
+    # sum(dy * x) cancels (mean 0): compare against the scale of its terms.
+    scale = (dy.double() * x.double()).abs().sum((0, 2, 3))
+    assert ((got["sum_dy_x"].double() - want["sum_dy_x"]).abs() / scale).max() < stat_tol
+
+
+def test_cpp_kernels_build_here():
+    # On a machine with gcc and ninja (every machine `make venv` sets up) the C++ path must
+    # work: a broken build would otherwise only show up as a warning and a slower MABN.
+    assert cpu_kernels.available(), cpu_kernels.load_error()
+    assert kernels.backend_for(torch.zeros(1, 2, 3, 3)) == "cpp"
+
+
+@pytest.mark.parametrize("backend", ["cpp", "plain"])
+@pytest.mark.parametrize("dtype,out_tol,stat_tol", DTYPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpu_kernels_match_formulas(backend, dtype, out_tol, stat_tol, shape):
+    x, dy, a, b = make_inputs(shape, dtype)
+    with kernels.use_backend(backend):
+        got = run_kernels(x, dy, a, b)
+    if backend == "plain" and dtype in (torch.float16, torch.bfloat16):
+        out_tol *= 2  # the plain affine rounds the coefficients to the half dtype first
+    check_against_formulas(got, expected(x, dy, a, b), x, dy, out_tol, stat_tol)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "plain"])
+def test_half_inputs_whose_square_exceeds_half_range(backend):
+    # |x| up to ~2000: x^2 ~ 4e6 is far beyond float16's 65504; statistics stay float32.
+    x, dy, a, b = make_inputs((2, 4, 9, 11), torch.float16, scale=600.0)
+    assert (x.float() ** 2).max() > 65504
+    a = a * 1e-3  # keeps the affine outputs inside the half range
+    with kernels.use_backend(backend):
+        got = run_kernels(x, dy, a, b)
+    assert torch.isfinite(got["second_moment"]).all()
+    check_against_formulas(got, expected(x, dy, a, b), x, dy, 4e-3, 1e-5)
+
+
+def test_cpp_reductions_are_deterministic():
+    x, dy, _, _ = make_inputs((4, 6, 50, 70), torch.float32)
+    with kernels.use_backend("cpp"):
+        first = kernels.second_moment(x, torch.float32)
+        sums = kernels.grad_reductions(dy, x, torch.float32)
+        for _ in range(3):
+            assert torch.equal(kernels.second_moment(x, torch.float32), first)
+            again = kernels.grad_reductions(dy, x, torch.float32)
+            assert all(torch.equal(u, v) for u, v in zip(again, sums))
+
+
+def test_dispatch_and_forced_backends():
+    x = torch.randn(2, 3, 4, 5)
+    assert kernels.backend_for(x.transpose(2, 3)) == "plain"  # non-contiguous
+    with kernels.use_backend("plain"):
+        assert kernels.backend_for(x) == "plain"
+    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="triton.*cpu"):
+        kernels.second_moment(x, torch.float32)
+    with pytest.raises(ValueError, match="unknown backend"):
+        kernels.set_backend("cuda-magic")
+    assert kernels.get_backend() == "auto"
+
+
+def train_steps(backend, dtype, steps=40):
+    torch.manual_seed(0)
+    layer = MABN2d(4, buffer_size=4, warmup_iters=10, renorm_start_iter=20).to(dtype)
+    outputs = []
+    with kernels.use_backend(backend):
+        for _ in range(steps):
+            x = (torch.randn(3, 4, 6, 5) * 2).to(dtype).requires_grad_()
+            y = layer(x)
+            y.backward(torch.randn_like(y))
+            outputs += [y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()]
+            layer.weight.grad = layer.bias.grad = None
+    return outputs, layer.state_dict()
+
+
+def test_mabn2d_cpp_and_plain_backends_agree():
+    # All phases (batch statistics, moving averages, renorm) on both backends.
+    fast, fast_state = train_steps("cpp", torch.float64)
+    plain, plain_state = train_steps("plain", torch.float64)
+    for u, v in zip(fast, plain):
+        assert rel_err(u, v) < 1e-10
+    for key in fast_state:
+        torch.testing.assert_close(fast_state[key], plain_state[key], rtol=1e-10, atol=1e-12)
+
+
+def test_training_saves_one_activation_sized_tensor():
+    layer = MABN2d(8)
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    assert sum(t.numel() == x.numel() for t in saved) == 1
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_build_failure_falls_back_to_plain_with_a_warning(tmp_path):
+    # A fresh extension cache and a compiler that always fails: a real failed build.
+    result = run_python(
+        """
+        import warnings, torch
+        from mabn_d2 import MABN2d, kernels
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer = MABN2d(3)
+            y = layer(torch.randn(2, 3, 4, 4, requires_grad=True))
+            y.sum().backward()
+        assert kernels.backend_for(torch.zeros(1, 3, 2, 2)) == "plain"
+        messages = [str(w.message) for w in caught if "C++ CPU kernels" in str(w.message)]
+        assert len(messages) == 1, messages
+        print(messages[0])
+        """,
+        CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path), MABN_D2_KERNELS="auto",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "using the plain PyTorch kernels" in result.stdout
+    assert "Reason:" in result.stdout and "/bin/false" in result.stdout  # says why
+    assert "could not build the C++ CPU kernels" in result.stderr  # logged too
+
+
+def test_triton_kernels_under_the_interpreter():
+    pytest.importorskip("triton")
+    result = run_python(
+        """
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from test_kernels import DTYPES, check_against_formulas, expected, make_inputs
+        from mabn_d2 import triton_kernels as tk
+        for dtype, out_tol, stat_tol in DTYPES:
+            for shape in [(2, 3, 5, 7), (3, 2, 33, 40)]:
+                x, dy, a, b = make_inputs(shape, dtype)
+                assert tk.supports(x, dy)
+                sum_dy, sum_dy_x = tk.grad_reductions(dy, x, a.dtype)
+                got = {
+                    "second_moment": tk.second_moment(x, a.dtype),
+                    "channel_affine": tk.channel_affine(x, a, b),
+                    "sum_dy": sum_dy, "sum_dy_x": sum_dy_x,
+                    "grad_input": tk.grad_input(dy, x, a, b),
+                }
+                check_against_formulas(got, expected(x, dy, a, b), x, dy, out_tol, stat_tol)
+        x, dy, a, b = make_inputs((2, 4, 9, 11), torch.float16, scale=600.0)
+        got = tk.second_moment(x, torch.float32)
+        assert torch.isfinite(got).all() and (x.float() ** 2).max() > 65504
+        print("ok")
+        """,
+        TRITON_INTERPRET="1",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("ok")
