@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from detectron2.config import CfgNode as CN
 
+from .batch_stats import add_batch_stats_config
 from .settings import MABNSettings
 
 __all__ = ["add_mabn_config", "settings_from_cfg", "CalibrationSettings",
@@ -48,6 +49,9 @@ def add_mabn_config(cfg: CN) -> CN:
       converted from a checkpoint: ``"auto"`` when the checkpoint had layers without
       statistics (frozen affine, norm-less convs), ``"always"``, or ``"never"``.
     * ``CALIBRATION.NUM_BATCHES`` (20): training batches used by the calibration.
+
+    Also adds the top-level ``BATCH_STATS`` node of the batch-statistics recorder
+    (``PERIOD`` 0 = off; :func:`mabn_d2.batch_stats.add_batch_stats_config`).
     """
     if "MABN" not in cfg.MODEL:
         cfg.MODEL.MABN = CN()
@@ -72,6 +76,8 @@ def add_mabn_config(cfg: CN) -> CN:
                        ("NUM_BATCHES", _CALIBRATION_DEFAULTS.num_batches)):
         if key not in node.CALIBRATION:
             setattr(node.CALIBRATION, key, value)
+    # Top-level BATCH_STATS (PERIOD 0 = off): see mabn_d2.batch_stats.add_batch_stats_config.
+    add_batch_stats_config(cfg)
     return cfg
 
 
