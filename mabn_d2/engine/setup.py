@@ -1,0 +1,78 @@
+"""Config and process set-up for training/evaluating MABN models with detectron2."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.layers import get_norm
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch import nn
+
+from .. import __version__
+from ..centralization import CentralizedConv2d
+from ..config import add_mabn_config, settings_from_cfg
+from ..data import add_dataset_config, register_coco_from_cfg
+from ..mabn import MABN2d
+
+__all__ = ["get_mabn_cfg", "mabn_setup", "describe_mabn_model"]
+
+logger = logging.getLogger(__name__)
+_NORM_KEYS = ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
+
+
+def get_mabn_cfg() -> CfgNode:
+    """detectron2's default config plus ``MODEL.MABN`` and ``DATASETS.REGISTER_COCO``."""
+    cfg = get_cfg()
+    add_mabn_config(cfg)
+    add_dataset_config(cfg)
+    return cfg
+
+
+def mabn_setup(cfg: CfgNode) -> None:
+    """mabn_d2's part of a job's set-up, after detectron2's ``default_setup``.
+
+    Sets up the ``mabn_d2`` logger (same files as detectron2's), validates ``MODEL.MABN``,
+    checks the device, registers the user's COCO datasets, and logs that ``"MABN"`` is a
+    detectron2 norm and with which settings the model will be built.
+
+    Raises:
+        ValueError: invalid ``MODEL.MABN`` value (naming the key), bad ``REGISTER_COCO`` entry.
+        RuntimeError: ``MODEL.DEVICE`` is CUDA on a machine without one; ``"MABN"`` is not
+            registered in detectron2's ``get_norm``.
+    """
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mabn_d2")
+    settings = settings_from_cfg(cfg)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA device is available; add "
+            "'MODEL.DEVICE cpu' to the command line (or the config) to run on the CPU"
+        )
+    if not isinstance(get_norm("MABN", 1), MABN2d):
+        raise RuntimeError("detectron2's get_norm('MABN', C) does not build MABN2d: "
+                           "mabn_d2.register_mabn() has not run")
+    norms = ", ".join(f"{key}.NORM={cfg.MODEL[key].NORM or 'none'}" for key in _NORM_KEYS)
+    logger.info(
+        "mabn_d2 %s: norm 'MABN' registered in detectron2's get_norm (get_norm('MABN', C) -> "
+        "MABN2d). This model: %s", __version__, norms,
+    )
+    if settings is not None:
+        logger.info("mabn_d2: MODEL.MABN settings of this job: %s", settings)
+    for name in register_coco_from_cfg(cfg):
+        logger.info("mabn_d2: registered COCO dataset %r from DATASETS.REGISTER_COCO", name)
+
+
+def describe_mabn_model(model: nn.Module) -> str:
+    """A one-line count of the model's MABN layers and the centralized convs feeding them."""
+    mabn = [m for m in model.modules() if isinstance(m, MABN2d)]
+    centralized = [m for m in model.modules() if isinstance(m, CentralizedConv2d)]
+    if not mabn:
+        return "mabn_d2: the model has no MABN2d layers"
+    settings = {(m.momentum, m.buffer_size, m.warmup_iters, m.renorm_start_iter) for m in mabn}
+    return (
+        f"mabn_d2: the model has {len(mabn)} MABN2d layers ({len(centralized)} fed by "
+        "centralized convs); (momentum, buffer_size, warmup_iters, renorm_start_iter) = "
+        + ", ".join(str(s) for s in sorted(settings))
+    )

@@ -1,0 +1,102 @@
+"""``MABNTrainer``: detectron2's ``DefaultTrainer`` for MABN models with COCO evaluation."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from detectron2.config import CfgNode
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+from torch import nn
+
+from ..data import check_num_classes
+from ..evaluation import build_coco_evaluator, save_eval_results, summary_table
+from .setup import describe_mabn_model
+
+__all__ = ["MABNTrainer", "EVAL_RESULTS_FILE"]
+
+logger = logging.getLogger(__name__)
+
+# Written to OUTPUT_DIR by every evaluation: {dataset: {"bbox"/"segm": {metric: value}}}.
+EVAL_RESULTS_FILE = "eval_results.json"
+
+
+def _insert_before(
+    hook_list: list[hooks.HookBase | None], new: Sequence[hooks.HookBase], anchors: tuple[type, ...]
+) -> list[hooks.HookBase | None]:
+    """``hook_list`` with ``new`` inserted before the first hook of one of ``anchors`` types
+    (appended when there is none)."""
+    for i, hook in enumerate(hook_list):
+        if isinstance(hook, anchors):
+            return hook_list[:i] + list(new) + hook_list[i:]
+    return hook_list + list(new)
+
+
+class MABNTrainer(DefaultTrainer):
+    """``DefaultTrainer`` with COCO box/mask evaluation, saved results and MABN hooks.
+
+    The model comes from detectron2's ``build_model``; with ``import mabn_d2`` its ``"MABN"``
+    norms are built with the cfg's ``MODEL.MABN`` settings and centralized convs.
+    """
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> nn.Module:
+        model = super().build_model(cfg)
+        logger.info(describe_mabn_model(model))
+        return model
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        loader = super().build_train_loader(cfg)  # loads the datasets: thing_classes known
+        check_num_classes(cfg, cfg.DATASETS.TRAIN)
+        return loader
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        loader = super().build_test_loader(cfg, dataset_name)
+        check_num_classes(cfg, [dataset_name])
+        return loader
+
+    @classmethod
+    def build_evaluator(
+        cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None
+    ) -> DatasetEvaluator:
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_coco_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model: nn.Module, evaluators=None) -> OrderedDict:
+        """detectron2's evaluation of every ``DATASETS.TEST`` set, then (main process) the
+        results are logged as one summary table and written to ``OUTPUT_DIR/eval_results.json``.
+        """
+        results = super().test(cfg, model, evaluators)
+        if len(cfg.DATASETS.TEST) == 1:  # DefaultTrainer.test unwraps a single dataset
+            per_dataset = {cfg.DATASETS.TEST[0]: results}
+        else:
+            per_dataset = dict(results)
+        if comm.is_main_process() and any(per_dataset.values()):
+            path = os.path.join(cfg.OUTPUT_DIR, EVAL_RESULTS_FILE)
+            save_eval_results(per_dataset, path)
+            logger.info("COCO results (saved to %s):\n%s", path, summary_table(per_dataset))
+        return results
+
+    def build_mabn_hooks(self) -> list[hooks.HookBase]:
+        """The hooks mabn_d2 adds to detectron2's defaults, run before the checkpointer and
+        the evaluation (so that what they change is saved and evaluated).
+
+        None yet: MABN calibration / precise statistics and the batch-statistics recorder
+        append theirs here.
+        """
+        return []
+
+    def build_hooks(self) -> list[hooks.HookBase | None]:
+        return _insert_before(
+            super().build_hooks(),
+            self.build_mabn_hooks(),
+            anchors=(hooks.PeriodicCheckpointer, hooks.EvalHook),
+        )

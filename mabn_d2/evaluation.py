@@ -1,0 +1,94 @@
+"""COCO evaluation for MABN models, working with or without detectron2's compiled ops.
+
+detectron2's :class:`~detectron2.evaluation.COCOEvaluator` defaults to a C++ re-implementation
+of COCOeval in ``detectron2._C``; a pure-Python detectron2 lacks it, so the official
+pycocotools COCOeval is used there (same metrics, slower). Results are also written as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import COCOEvaluator
+from tabulate import tabulate
+
+__all__ = [
+    "has_compiled_coco_eval",
+    "build_coco_evaluator",
+    "save_eval_results",
+    "summary_table",
+]
+
+logger = logging.getLogger(__name__)
+_SUMMARY_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def has_compiled_coco_eval() -> bool:
+    """Whether ``detectron2._C`` provides the C++ COCOeval (``use_fast_impl=True``)."""
+    try:
+        from detectron2 import _C
+    except ImportError:
+        return False
+    return all(hasattr(_C, op) for op in ("COCOevalAccumulate", "COCOevalEvaluateImages"))
+
+
+def build_coco_evaluator(
+    cfg: CfgNode, dataset_name: str, output_folder: str | None = None
+) -> COCOEvaluator:
+    """A COCOEvaluator for ``dataset_name``: boxes, plus masks when ``MODEL.MASK_ON``.
+
+    Raises:
+        ValueError: the dataset is not in COCO format (its ``evaluator_type`` is not "coco").
+    """
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    if evaluator_type != "coco":
+        raise ValueError(
+            f"Dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; mabn_d2 evaluates "
+            "COCO-format instance datasets only (register yours with DATASETS.REGISTER_COCO)"
+        )
+    fast = has_compiled_coco_eval()
+    if not fast:
+        logger.info(
+            "detectron2._C has no C++ COCOeval (detectron2 without compiled ops): evaluating "
+            "%s with pycocotools' official COCOeval (COCOEvaluator(use_fast_impl=False))",
+            dataset_name,
+        )
+    return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=fast)
+
+
+def _finite_or_none(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def save_eval_results(results: Mapping[str, Mapping[str, Mapping[str, float]]], path: str) -> None:
+    """Write ``{dataset: {task: {metric: value}}}`` as JSON; undefined metrics (COCOeval's NaN:
+    no ground truth of that category or size) are written as ``null``."""
+    clean = {
+        dataset: {
+            task: {metric: _finite_or_none(v) for metric, v in metrics.items()}
+            for task, metrics in per_task.items()
+        }
+        for dataset, per_task in results.items()
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(clean, f, indent=2)
+
+
+def summary_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """One row per (dataset, task) with the COCO summary metrics, e.g. box and mask AP."""
+    rows = []
+    for dataset, per_task in results.items():
+        for task, metrics in per_task.items():
+            rows.append([dataset, task] + [metrics.get(m, float("nan")) for m in _SUMMARY_METRICS])
+    return tabulate(
+        rows, headers=["dataset", "task", *_SUMMARY_METRICS], floatfmt=".2f", tablefmt="pipe"
+    )

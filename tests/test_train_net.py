@@ -1,0 +1,170 @@
+"""``tools/train_net.py`` end to end on the real COCO subset, as a user runs it (subprocesses).
+
+* train a tiny MABN Mask R-CNN for a few iterations, evaluate, then ``--eval-only`` on the
+  checkpoint (through a user-registered copy of the same COCO JSON): same predictions;
+* a run killed after a checkpoint ``--resume``-s from the saved iteration with the saved MABN
+  state (iteration count, moving-average buffers, running second moment).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONFIGS, REPO
+
+TRAIN_NET = REPO / "tools" / "train_net.py"
+TINY = CONFIGS / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml"
+SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# Layers that see every training step (RoI-head norms skip steps without RoIs).
+BACKBONE_PREFIX = "backbone.bottom_up."
+
+
+def train_net_cmd(*args: object) -> list[str]:
+    return [sys.executable, str(TRAIN_NET), "--config-file", str(TINY), *map(str, args)]
+
+
+def train_net_env(coco_mini: Path) -> dict[str, str]:
+    # One thread: the 2-core machines these run on are shared; results do not depend on it.
+    return {**os.environ, "DETECTRON2_DATASETS": str(coco_mini), "OMP_NUM_THREADS": "1"}
+
+
+def run_train_net(coco_mini: Path, *args: object) -> str:
+    proc = subprocess.run(
+        train_net_cmd(*args), env=train_net_env(coco_mini), cwd=REPO, capture_output=True,
+        text=True, timeout=600,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    return output
+
+
+def load_results(output_dir: Path) -> dict:
+    return json.loads((output_dir / "eval_results.json").read_text())
+
+
+def load_predictions(output_dir: Path, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    preds = json.loads(
+        (output_dir / "inference" / dataset / "coco_instances_results.json").read_text()
+    )
+    key = [(p["image_id"], p["category_id"], p["score"], *p["bbox"]) for p in preds]
+    key.sort()
+    array = np.array(key, dtype=np.float64)
+    return array[:, :2], array[:, 2:]
+
+
+def mabn_state(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``{layer: {buffer: tensor}}`` of the backbone's MABN layers in a checkpoint."""
+    model = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in model.items():
+        prefix, _, buffer = key.rpartition(".")
+        if key.startswith(BACKBONE_PREFIX) and buffer in (
+            "running_second_moment", "chi2_buffer", "psi_buffer", "num_batches_tracked"
+        ):
+            layers.setdefault(prefix, {})[buffer] = value
+    return layers
+
+
+def test_train_then_eval_only_on_coco_mini(coco_mini, tmp_path):
+    train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
+    log = run_train_net(coco_mini, "OUTPUT_DIR", train_dir, "SOLVER.MAX_ITER", 4)
+
+    assert "norm 'MABN' registered in detectron2's get_norm" in log
+    assert "MABN2d layers (36 fed by centralized convs)" in log
+    assert "use_fast_impl=False" in log  # this detectron2 has no compiled COCOeval
+    assert (train_dir / "last_checkpoint").read_text().strip() == "model_final.pth"
+    assert list(train_dir.glob("events.out.tfevents.*")), "no TensorBoard events"
+    metrics = [json.loads(line) for line in (train_dir / "metrics.json").read_text().splitlines()]
+    losses = [entry for entry in metrics if "total_loss" in entry]
+    assert losses[-1]["iteration"] == 3 and math.isfinite(losses[-1]["total_loss"])
+    assert any("bbox/AP" in entry and "segm/AP" in entry for entry in metrics)
+    state = mabn_state(train_dir / "model_final.pth")
+    assert state and all(int(s["num_batches_tracked"]) == 4 for s in state.values())
+
+    results = load_results(train_dir)["coco_2017_val"]
+    for task in ("bbox", "segm"):
+        for metric in SUMMARY:
+            assert math.isfinite(results[task][metric]), (task, metric, results[task])
+
+    # Evaluate the checkpoint on the same images, registered as the user's own COCO dataset.
+    root = coco_mini / "coco"
+    json_file, image_root = root / "annotations" / "instances_val2017.json", root / "val2017"
+    user_dataset = f"[['my_coco_val', '{json_file}', '{image_root}']]"
+    run_train_net(
+        coco_mini, "--eval-only", "MODEL.WEIGHTS", train_dir / "model_final.pth",
+        "OUTPUT_DIR", eval_dir, "DATASETS.REGISTER_COCO", user_dataset,
+        "DATASETS.TEST", "('my_coco_val',)",
+    )
+    again = load_results(eval_dir)["my_coco_val"]
+    ids, values = load_predictions(train_dir, "coco_2017_val")
+    ids_again, values_again = load_predictions(eval_dir, "my_coco_val")
+    assert len(ids) > 0
+    np.testing.assert_array_equal(ids, ids_again)
+    np.testing.assert_allclose(values, values_again, atol=1e-3)
+    for task in ("bbox", "segm"):
+        for metric in SUMMARY:
+            assert again[task][metric] == pytest.approx(results[task][metric], abs=1e-6)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, output_dir: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    tag = output_dir / "last_checkpoint"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before writing a checkpoint"
+        if tag.is_file() and tag.read_text().strip().endswith(".pth"):
+            return
+        time.sleep(0.05)
+    pytest.fail(f"no checkpoint in {output_dir} after {timeout} s")
+
+
+def test_killed_run_resumes_with_its_mabn_state(coco_mini, tmp_path):
+    momentum = 0.1
+    # Buffer size above the iterations run: slot t holds step t's statistics.
+    common = ("OUTPUT_DIR", tmp_path, "MODEL.MABN.BUFFER_SIZE", 16, "MODEL.MABN.MOMENTUM",
+              momentum, "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", 2)
+    proc = subprocess.Popen(
+        train_net_cmd(*common, "SOLVER.MAX_ITER", 1000), env=train_net_env(coco_mini),
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_checkpoint(proc, tmp_path, timeout=300)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved_file = tmp_path / (tmp_path / "last_checkpoint").read_text().strip()
+    saved_iter = torch.load(saved_file, map_location="cpu", weights_only=False)["iteration"]
+    saved = mabn_state(saved_file)
+    t0 = saved_iter + 1  # training steps in the checkpoint
+    assert saved and all(int(s["num_batches_tracked"]) == t0 for s in saved.values())
+
+    extra = 3
+    log = run_train_net(coco_mini, "--resume", *common, "SOLVER.MAX_ITER", t0 + extra)
+    assert f"Starting training from iteration {t0}" in log
+    final = mabn_state(tmp_path / "model_final.pth")
+    assert final.keys() == saved.keys()
+    for name, before in saved.items():
+        after = final[name]
+        assert int(after["num_batches_tracked"]) == t0 + extra, name
+        # Slots of the first run's steps 1..t0 are untouched by steps t0+1..t0+extra.
+        old = slice(1, t0 + 1)
+        torch.testing.assert_close(after["chi2_buffer"][old], before["chi2_buffer"][old],
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(after["psi_buffer"][old], before["psi_buffer"][old],
+                                   rtol=0, atol=0)
+        # running <- (1 - momentum) running + momentum var, from the saved running; with
+        # t <= buffer size, var at step t is that step's chi2_B, in slot t.
+        expected = before["running_second_moment"].double()
+        for t in range(t0 + 1, t0 + extra + 1):
+            expected = (1 - momentum) * expected + momentum * after["chi2_buffer"][t].double()
+        torch.testing.assert_close(after["running_second_moment"].double(), expected,
+                                   rtol=1e-5, atol=1e-7)
