@@ -6,7 +6,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # The main job's output (checkpoints, metrics.json, TensorBoard events, COCO results).
 DEMO_OUT ?= output/demo
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo lint clean benchmark
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ test: venv
 demo: venv
 	$(PY) tools/train_net.py --config-file configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml \
 		OUTPUT_DIR $(DEMO_OUT)
+
+# Speed/memory of MABN vs BN/GN (docs/speed.md); e.g. make benchmark BENCH_ARGS=--quick
+BENCH_ARGS ?=
+benchmark: venv
+	$(PY) tools/benchmark.py $(BENCH_ARGS)
 
 lint: venv
 	$(PY) -m ruff check mabn_d2 tools tests

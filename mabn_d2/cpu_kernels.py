@@ -70,7 +70,7 @@ def load() -> bool:
             _STATE["ok"] = _ops_registered()
             if not _STATE["ok"]:
                 raise RuntimeError("the extension loaded but registered no mabn_d2 ops")
-            set_hugepages(os.environ.get("MABN_D2_HUGEPAGES", "1") != "0")
+            torch.ops.mabn_d2.set_hugepages(os.environ.get("MABN_D2_HUGEPAGES", "1") != "0")
         except Exception as e:  # any build problem means: use the fallback
             _STATE["ok"] = False
             _STATE["error"] = f"{type(e).__name__}: {e}"
@@ -121,4 +121,5 @@ def set_hugepages(enabled: bool) -> None:
     (what PyTorch does for all allocations under ``THP_MEM_ALLOC_ENABLE=1``). Also set by the
     environment variable ``MABN_D2_HUGEPAGES=0|1`` when the extension loads.
     """
-    torch.ops.mabn_d2.set_hugepages(bool(enabled))
+    if load():
+        torch.ops.mabn_d2.set_hugepages(bool(enabled))

@@ -1,0 +1,428 @@
+#!/usr/bin/env python
+"""Speed and memory of MABN against BatchNorm, GroupNorm and a naive MABN, side by side.
+
+Layer level: forward + backward in training mode at detection shapes, for
+``MABN2d`` (fast kernels), ``MABN2d`` on the plain PyTorch kernels, ``nn.BatchNorm2d``,
+``nn.GroupNorm(32, C)`` and a naive transcription of MABN (several elementwise passes, a
+saved ``z``, and a ``.item()`` on the iteration counter in every call: a host-device sync on
+a GPU). Times are the median of repeated runs with the candidates interleaved (run 1 of every
+candidate, then run 2, ...), so load from other processes hits all of them alike. Peak memory
+is the peak of the bytes allocated during one forward + backward (the input, its gradient
+buffer and the parameters exist before and are not counted): on the CPU from the allocation
+events of PyTorch's profiler (``profile_memory=True``), on CUDA from
+``torch.cuda.max_memory_allocated``.
+
+Model level: one Mask R-CNN R50-FPN training iteration (forward, backward, SGD step; 2
+synthetic images with 3 boxes and masks each) with MABN / BN / GN in the same places (ResNet,
+FPN, 4conv-1fc box head, mask head), and inference per image with fused MABN
+(:func:`mabn_d2.fuse_mabn`) / FrozenBN / GN in those places (score threshold 0, so every model
+returns the same number of detections and runs its mask head on them).
+
+Examples::
+
+    python tools/benchmark.py                      # everything, CPU (or CUDA if present)
+    python tools/benchmark.py --quick              # small subset, a minute or two
+    python tools/benchmark.py --only layer --shapes 2,256,50,68 --repeats 20
+    python tools/benchmark.py --json output/benchmark/cpu.json
+
+Writes the numbers to JSON (``--json``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mabn_d2  # noqa: E402  (registers the "MABN" norm)
+from mabn_d2 import MABN2d, kernels  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LAYER_SHAPES = [(2, 256, 200, 272), (2, 256, 50, 68), (2, 64, 400, 544), (1024, 256, 7, 7)]
+QUICK_SHAPES = [(2, 256, 50, 68), (256, 256, 7, 7)]
+# Steady state of training: moving averages and the renorm clip are on.
+STEADY_STATE_ITERATION = 2000
+
+
+class _NaiveMABNFunction(torch.autograd.Function):
+    """MABN written straight from the formulas: every intermediate is a tensor."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, var, r, psi_buffer, slot, early):  # type: ignore[override]
+        std = torch.sqrt(var.view(1, -1, 1, 1) + 1e-5)
+        z = x / std
+        y = weight.view(1, -1, 1, 1) * r.view(1, -1, 1, 1) * z + bias.view(1, -1, 1, 1)
+        ctx.save_for_backward(z, std, weight, r)
+        ctx.psi_buffer, ctx.slot, ctx.early = psi_buffer, slot, early
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        z, std, weight, r = ctx.saved_tensors
+        g = dy * weight.view(1, -1, 1, 1) * r.view(1, -1, 1, 1)
+        psi_b = (g * z).mean(dim=(0, 2, 3))
+        ctx.psi_buffer[ctx.slot] = psi_b
+        psi = psi_b if ctx.early else ctx.psi_buffer.mean(dim=0)
+        dx = (g - z * psi.view(1, -1, 1, 1)) / std
+        dweight = (dy * r.view(1, -1, 1, 1) * z).sum(dim=(0, 2, 3))
+        return dx, dweight, dy.sum(dim=(0, 2, 3)), None, None, None, None, None
+
+
+class NaiveMABN2d(nn.Module):
+    """The baseline: MABN as a direct transcription with a ``.item()`` per call."""
+
+    def __init__(self, c: int, buffer_size: int = 16, momentum: float = 0.02) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.register_buffer("running", torch.ones(c))
+        self.register_buffer("chi2_buffer", torch.zeros(buffer_size, c))
+        self.register_buffer("psi_buffer", torch.zeros(buffer_size, c))
+        self.register_buffer("num_batches_tracked", torch.tensor(0))
+        self.m, self.momentum = buffer_size, momentum
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.num_batches_tracked += 1
+        t = int(self.num_batches_tracked.item())  # the host-device sync
+        with torch.no_grad():
+            chi2 = x.float().pow(2).mean(dim=(0, 2, 3))
+            self.chi2_buffer[t % self.m] = chi2
+            early = t <= self.m or t < 100
+            var = chi2 if early else self.chi2_buffer.mean(dim=0)
+            if t > 1000:
+                r = (torch.sqrt(var + 1e-5) / torch.sqrt(self.running + 1e-5)).clamp(0.2, 5.0)
+            else:
+                r = torch.ones_like(var)
+            self.running.mul_(1 - self.momentum).add_(self.momentum * var)
+        return _NaiveMABNFunction.apply(
+            x, self.weight, self.bias, var, r, self.psi_buffer, t % self.m, early
+        )
+
+
+def steady_state(module: nn.Module) -> nn.Module:
+    """Move every MABN layer to a late training iteration (moving averages + renorm on)."""
+    for m in module.modules():
+        if isinstance(m, MABN2d):
+            m._iteration = STEADY_STATE_ITERATION
+            m.num_batches_tracked.fill_(STEADY_STATE_ITERATION)
+        elif isinstance(m, NaiveMABN2d):
+            m.num_batches_tracked.fill_(STEADY_STATE_ITERATION)
+    return module
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(
+    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Median (and min, max) seconds per candidate; run i of every candidate before run i+1."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for run in range(warmup + repeats):
+        for name, fn in candidates.items():
+            gc.collect()
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if run >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {
+        name: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v),
+               "runs": len(v)}
+        for name, v in times.items()
+    }
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak of the bytes allocated while ``fn`` runs, above what was allocated before."""
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def layer_candidates(c: int) -> dict[str, tuple[nn.Module, str]]:
+    """name -> (module, kernel backend to force, or "" for none)."""
+    return {
+        "MABN2d": (steady_state(MABN2d(c)), "auto"),
+        "MABN2d_plain": (steady_state(MABN2d(c)), "plain"),
+        "BatchNorm2d": (nn.BatchNorm2d(c), ""),
+        "GroupNorm32": (nn.GroupNorm(32, c), ""),
+        "naive_MABN": (steady_state(NaiveMABN2d(c)), ""),
+    }
+
+
+def layer_step(module: nn.Module, backend: str, x: Tensor, dy: Tensor) -> Callable[[], None]:
+    """One training forward + backward of ``module`` (kernels forced to ``backend`` if set)."""
+
+    def run() -> None:
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        if backend:
+            with kernels.use_backend(backend):
+                module(x).backward(dy)
+        else:
+            module(x).backward(dy)
+
+    return run
+
+
+def bench_shape(shape: tuple[int, ...], repeats: int, device: torch.device,
+                with_memory: bool) -> list[dict]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 2 + 0.3).to(device).requires_grad_()
+    dy = torch.randn(shape, generator=g).to(device)
+    steps = {
+        name: layer_step(module.to(device).train(), backend, x, dy)
+        for name, (module, backend) in layer_candidates(shape[1]).items()
+    }
+    timing = interleaved_medians(steps, repeats, warmup=2, device=device)
+    memory = {}
+    if with_memory:
+        for name, fn in steps.items():
+            x.grad = None  # the gradient buffer is allocated inside, for every candidate
+            memory[name] = peak_bytes(fn, device)
+    bn = timing["BatchNorm2d"]["median_s"]
+    rows = []
+    for name, t in timing.items():
+        row = {"shape": list(shape), "candidate": name, **t, "ratio_to_bn": t["median_s"] / bn}
+        if with_memory:
+            row["peak_bytes"] = memory[name]
+            row["peak_ratio_to_bn"] = memory[name] / memory["BatchNorm2d"]
+        rows.append(row)
+    return rows
+
+
+def bench_layers(shapes, repeats: int, device: torch.device, with_memory: bool) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        shape_rows = bench_shape(shape, repeats, device, with_memory)
+        print_layer_rows(shape_rows)
+        rows += shape_rows
+        gc.collect()
+    return rows
+
+
+def print_layer_rows(rows: list[dict]) -> None:
+    shape = tuple(rows[0]["shape"])
+    mabn = next(r for r in rows if r["candidate"] == "MABN2d")["median_s"]
+    print(f"\nlayer fwd+bwd, training mode, shape {shape}")
+    print(f"  {'candidate':<14}{'median ms':>11}{'/BN':>8}{'/MABN2d':>9}{'peak MB':>10}"
+          f"{'mem/BN':>8}")
+    for r in rows:
+        mem = (f"{r['peak_bytes'] / 2**20:>10.1f}{r['peak_ratio_to_bn']:>8.2f}"
+               if "peak_bytes" in r else "")
+        print(f"  {r['candidate']:<14}{r['median_s'] * 1e3:>11.2f}{r['ratio_to_bn']:>8.2f}"
+              f"{r['median_s'] / mabn:>9.2f}{mem}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model level
+
+
+def model_cfg(norm: str, image_size: int, device: torch.device):
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    mabn_d2.add_mabn_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs" / "mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml"))
+    cfg.MODEL.RESNETS.NORM = cfg.MODEL.FPN.NORM = norm
+    cfg.MODEL.ROI_BOX_HEAD.NORM = cfg.MODEL.ROI_MASK_HEAD.NORM = norm
+    cfg.MODEL.DEVICE = str(device)
+    cfg.INPUT.MIN_SIZE_TEST = image_size
+    cfg.INPUT.MAX_SIZE_TEST = image_size * 2
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # same number of detections for every model
+    return cfg
+
+
+def synthetic_batch(n: int, image_size: int, device: torch.device, seed: int = 0) -> list[dict]:
+    """``n`` images (3, S, 4S/3) with 3 boxes and their box masks each, detectron2's format."""
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = image_size, image_size * 4 // 3
+    batch = []
+    for _ in range(n):
+        xy = torch.rand(3, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+        wh = torch.rand(3, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 16
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        masks = torch.zeros(3, h, w, dtype=torch.bool)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+            masks[i, y0:y1, x0:x1] = True
+        inst = Instances((h, w), gt_boxes=Boxes(boxes), gt_classes=torch.randint(0, 80, (3,),
+                         generator=g), gt_masks=BitMasks(masks))
+        image = (torch.rand(3, h, w, generator=g) * 255).to(device)
+        batch.append({"image": image, "height": h, "width": w, "instances": inst.to(device)})
+    return batch
+
+
+def bench_model_training(repeats: int, image_size: int, device: torch.device) -> list[dict]:
+    from detectron2.modeling import build_model
+
+    batch = synthetic_batch(2, image_size, device)
+    steps = {}
+    for norm in ("MABN", "BN", "GN"):
+        torch.manual_seed(0)
+        model = steady_state(build_model(model_cfg(norm, image_size, device)).train())
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def step(model=model, opt=opt) -> None:
+            losses = model(batch)
+            opt.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            opt.step()
+
+        steps[norm] = step
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0):  # detectron2's training-time loss logging needs one
+        timing = interleaved_medians(steps, repeats, warmup=1, device=device)
+    rows = [{"candidate": k, "images": 2, "image_size": image_size, **v,
+             "ratio_to_bn": v["median_s"] / timing["BN"]["median_s"]} for k, v in timing.items()]
+    print(f"\nMask R-CNN R50-FPN training iteration (2 images of {image_size}x"
+          f"{image_size * 4 // 3}, forward + backward + SGD step)")
+    for r in rows:
+        print(f"  {r['candidate']:<10}{r['median_s']:>9.3f} s{r['ratio_to_bn']:>8.2f} x BN",
+              flush=True)
+    return rows
+
+
+def bench_model_inference(repeats: int, image_size: int, device: torch.device) -> list[dict]:
+    from detectron2.modeling import build_model
+
+    image = synthetic_batch(1, image_size, device, seed=1)[0]
+    inputs = [{"image": image["image"]}]
+    runs = {}
+    n_detections = {}
+    for name, norm in (("fused_MABN", "MABN"), ("FrozenBN", "FrozenBN"), ("GN", "GN")):
+        torch.manual_seed(0)
+        model = build_model(model_cfg(norm, image_size, device)).eval()
+        if norm == "MABN":
+            model = mabn_d2.fuse_mabn(model, inplace=True)
+
+        def run(model=model) -> list:
+            with torch.no_grad():
+                return model(inputs)
+
+        n_detections[name] = len(run()[0]["instances"])
+        runs[name] = run
+    timing = interleaved_medians(runs, repeats, warmup=1, device=device)
+    fused = timing["fused_MABN"]["median_s"]
+    rows = [{"candidate": k, "image_size": image_size, "detections": n_detections[k], **v,
+             "ratio_to_frozen_bn": v["median_s"] / timing["FrozenBN"]["median_s"],
+             "ratio_to_fused_mabn": v["median_s"] / fused} for k, v in timing.items()]
+    print(f"\nMask R-CNN R50-FPN inference per image ({image_size}x{image_size * 4 // 3})")
+    for r in rows:
+        print(f"  {r['candidate']:<12}{r['median_s']:>9.3f} s{r['ratio_to_frozen_bn']:>8.2f} x "
+              f"FrozenBN{r['ratio_to_fused_mabn']:>8.2f} x fused MABN  "
+              f"({r['detections']} detections)", flush=True)
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    from mabn_d2 import cpu_kernels
+
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mabn_kernels": kernels.backend_for(torch.zeros(1, 1, 1, 1, device=device)),
+        "cpp_build_error": cpu_kernels.load_error(),
+        "MABN_D2_HUGEPAGES": os.environ.get("MABN_D2_HUGEPAGES", "1"),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
+        "loadavg_start": os.getloadavg(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def parse_shapes(text: list[str] | None, quick: bool) -> list[tuple[int, ...]]:
+    if not text:
+        return QUICK_SHAPES if quick else LAYER_SHAPES
+    shapes = [tuple(int(v) for v in s.split(",")) for s in text]
+    for s in shapes:
+        if len(s) != 4:
+            raise SystemExit(f"--shapes: expected N,C,H,W, got {s}")
+    return shapes
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if present)")
+    parser.add_argument("--only", choices=["layer", "model"], help="run one level only")
+    parser.add_argument("--quick", action="store_true",
+                        help="small subset: two small layer shapes, 3 model repeats, small images")
+    parser.add_argument("--shapes", nargs="*", help="layer shapes N,C,H,W (default: 4 shapes)")
+    parser.add_argument("--repeats", type=int, help="timed runs per candidate (default 10)")
+    parser.add_argument("--model-repeats", type=int, help="timed model runs (default 5)")
+    parser.add_argument("--image-size", type=int, help="shorter image side (default 512)")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory runs")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", default="output/benchmark/benchmark.json",
+                        help="where to write the numbers")
+    args = parser.parse_args(argv)
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (5 if args.quick else 10)
+    model_repeats = args.model_repeats or (3 if args.quick else 5)
+    image_size = args.image_size or (256 if args.quick else 512)
+    results: dict = {"environment": environment(device)}
+    print(f"environment: {json.dumps(results['environment'])}")
+    if args.only in (None, "layer"):
+        results["layer"] = bench_layers(
+            parse_shapes(args.shapes, args.quick), repeats, device, not args.no_memory
+        )
+    if args.only in (None, "model"):
+        results["model_training"] = bench_model_training(model_repeats, image_size, device)
+        results["model_inference"] = bench_model_inference(model_repeats, image_size, device)
+    results["environment"]["loadavg_end"] = os.getloadavg()
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
