@@ -144,3 +144,22 @@ def test_cross_entropy_evaluation_is_eval_mode():
     assert not model.training
     assert loss == pytest.approx(float(F.cross_entropy(logits, y)))
     assert error == pytest.approx(100.0 * float((logits.argmax(1) != y).float().mean()))
+
+
+def test_summary_pairs_each_seed_with_the_reference_and_keeps_nan():
+    def run(method, seed, error, loss=0.1):
+        return {"method": method, "seed": seed, "test_error": error, "test_loss": loss,
+                "final_train_loss": loss, "train_loss_eval_mode": loss}
+
+    runs = [run("BN/32", 0, 1.0), run("BN/32", 1, 3.0), run("BN/32", 2, 2.0),
+            run("BN/2", 0, 2.0), run("BN/2", 1, 3.0), run("BN/2", 2, 5.0, float("nan"))]
+    ref, small = study.summarize(runs, ["BN/32", "BN/2"])
+    assert "paired_error_diff_mean" not in ref
+    assert ref["test_error_mean"] == pytest.approx(2.0) and ref["test_error_std"] == 1.0
+    # paired differences 1, 0, 3: mean 4/3, s.e. std/sqrt(3)
+    assert small["paired_error_diff_mean"] == pytest.approx(4 / 3)
+    assert small["paired_error_diff_se"] == pytest.approx(torch.tensor([1.0, 0, 3]).std().item()
+                                                          / 3 ** 0.5)
+    assert small["paired_seeds_worse"] == 2
+    assert small["test_loss_mean"] != small["test_loss_mean"]  # a diverged run shows as NaN
+    assert "+1.33 ± 0.88 (2/3)" in study.format_table([ref, small])

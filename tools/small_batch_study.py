@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -445,40 +444,55 @@ def train_one(
 # ---------------------------------------------------------------------------------------
 
 
+REFERENCE = "BN/32"
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for one value); NaN (a diverged run) propagates."""
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return float(np.mean(values)), std
+
+
 def summarize(runs: Sequence[dict], methods: Sequence[str]) -> list[dict]:
+    """Per method: mean and std over seeds, and the paired difference of the test error to
+    :data:`REFERENCE` (same seed: same split and initialization) with its standard error."""
+    by_seed = {(r["method"], r["seed"]): r for r in runs}
     rows = []
     for name in methods:
-        errors = [r["test_error"] for r in runs if r["method"] == name]
-        losses = [r["final_train_loss"] for r in runs if r["method"] == name]
-        nlls = [r["test_loss"] for r in runs if r["method"] == name]
-        fit = [r["train_loss_eval_mode"] for r in runs if r["method"] == name]
-        if not errors:
+        mine = [r for r in runs if r["method"] == name]
+        if not mine:
             continue
-        rows.append({
-            "method": name,
-            "test_error_mean": statistics.fmean(errors),
-            "test_error_std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
-            "test_loss_mean": statistics.fmean(nlls),
-            "test_loss_std": statistics.stdev(nlls) if len(nlls) > 1 else 0.0,
-            "train_loss_mean": statistics.fmean(losses),
-            "train_loss_eval_mode_mean": statistics.fmean(fit),
-            "seeds": len(errors),
-            "errors": errors,
-        })
+        row: dict = {"method": name, "seeds": len(mine),
+                     "errors": [r["test_error"] for r in mine]}
+        for key in ("test_error", "test_loss", "final_train_loss", "train_loss_eval_mode"):
+            row[key + "_mean"], row[key + "_std"] = _mean_std([r[key] for r in mine])
+        diffs = [r["test_error"] - by_seed[(REFERENCE, r["seed"])]["test_error"]
+                 for r in mine if (REFERENCE, r["seed"]) in by_seed]
+        if name != REFERENCE and diffs:
+            mean, std = _mean_std(diffs)
+            row["paired_error_diff_mean"] = mean
+            row["paired_error_diff_se"] = std / math.sqrt(len(diffs))
+            row["paired_seeds_worse"] = sum(d > 0 for d in diffs)
+        rows.append(row)
     return rows
 
 
 def format_table(rows: Sequence[dict]) -> str:
     lines = [
-        "| method | test error % (mean ± std) | test loss (mean ± std) | final train loss "
-        "| seeds |",
-        "| --- | --- | --- | --- | --- |",
+        f"| method | test error % | vs {REFERENCE}: paired diff ± s.e. (seeds worse) "
+        "| test loss | training loss, last epoch | seeds |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        paired = "—"
+        if "paired_error_diff_mean" in r:
+            paired = (f"{r['paired_error_diff_mean']:+.2f} ± {r['paired_error_diff_se']:.2f} "
+                      f"({r['paired_seeds_worse']}/{r['seeds']})")
         lines.append(
             f"| {r['method']} | {r['test_error_mean']:.2f} ± {r['test_error_std']:.2f} | "
-            f"{r['test_loss_mean']:.3f} ± {r['test_loss_std']:.3f} | "
-            f"{r['train_loss_mean']:.3f} | {r['seeds']} |"
+            f"{paired} | {r['test_loss_mean']:.3f} ± {r['test_loss_std']:.3f} | "
+            f"{r['final_train_loss_mean']:.3f} ± {r['final_train_loss_std']:.3f} | "
+            f"{r['seeds']} |"
         )
     return "\n".join(lines)
 
@@ -496,8 +510,8 @@ def plot_results(rows: Sequence[dict], runs: Sequence[dict], path: Path, title: 
     panels = (("test_error", "test error %"), ("final_train_loss", "training loss, last epoch"))
     for ax, (key, label) in zip(axes, panels):
         per_method = [[r[key] for r in runs if r["method"] == row["method"]] for row in rows]
-        ax.barh(pos, [statistics.fmean(v) for v in per_method],
-                xerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_method],
+        stats = [_mean_std(v) for v in per_method]
+        ax.barh(pos, [m for m, _ in stats], xerr=[s for _, s in stats],
                 color="#9ecae1", edgecolor="#3182bd", capsize=3)
         for p, values in zip(pos, per_method):
             ax.scatter(values, [p] * len(values), color="black", s=8, zorder=3)
