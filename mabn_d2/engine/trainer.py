@@ -8,6 +8,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from detectron2.config import CfgNode
+from detectron2.data import build_detection_train_loader
+from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
@@ -15,6 +17,7 @@ from torch import nn
 
 from ..data import check_num_classes
 from ..evaluation import build_coco_evaluator, save_eval_results, summary_table
+from .resume import ResumableSampler, RNGStates
 from .setup import describe_mabn_model
 
 __all__ = ["MABNTrainer", "EVAL_RESULTS_FILE"]
@@ -49,11 +52,47 @@ class MABNTrainer(DefaultTrainer):
         logger.info(describe_mabn_model(model))
         return model
 
+    def __init__(self, cfg: CfgNode) -> None:
+        super().__init__(cfg)
+        # Saved with every checkpoint, restored by --resume (see engine/resume.py).
+        self.checkpointer.add_checkpointable("rng_states", RNGStates())
+
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        loader = super().build_train_loader(cfg)  # loads the datasets: thing_classes known
+        """detectron2's train loader, its sampler wrapped so that ``--resume`` continues the
+        data stream where the interrupted run stopped (``loader.resumable_sampler``)."""
+        kwargs = _train_loader_from_config(cfg)  # loads the datasets: thing_classes known
+        sampler = ResumableSampler(kwargs["sampler"])
+        loader = build_detection_train_loader(**{**kwargs, "sampler": sampler})
+        loader.resumable_sampler = sampler
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
         return loader
+
+    def state_dict(self) -> dict:
+        # detectron2 v0.6's DefaultTrainer saves neither the optimizer (SGD momentum) nor the
+        # AMP grad scaler: --resume restarted them from zero. As later detectron2 releases do,
+        # save the inner SimpleTrainer/AMPTrainer state too.
+        state = super().state_dict()
+        state["_trainer"] = self._trainer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("The checkpoint has no optimizer state (saved by detectron2's own "
+                           "DefaultTrainer?): the optimizer starts afresh")
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        sampler = getattr(self._trainer.data_loader, "resumable_sampler", None)
+        if resume and self.start_iter > 0 and sampler is not None:
+            per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            sampler.start_at(self.start_iter * per_process)
+            logger.info("Resuming at iteration %d: the training data stream continues after "
+                        "the %d images per process already used", self.start_iter,
+                        self.start_iter * per_process)
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):

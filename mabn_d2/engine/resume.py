@@ -1,0 +1,86 @@
+"""Resuming a run where it stopped: the data stream position and the random number generators.
+
+detectron2's ``--resume`` restores the model, optimizer, scheduler and iteration, but its
+training sampler starts its infinite index stream from the beginning again, and the random
+number generators (augmentation, RPN/ROI sampling) start from the job's seed. A resumed run
+therefore sees other batches than the uninterrupted run would have. With
+
+* :class:`ResumableSampler` skipping the indices the interrupted run consumed, and
+* :class:`RNGStates` saving and restoring the Python, NumPy and torch generators,
+
+a resumed single-process run with ``DATALOADER.NUM_WORKERS 0`` and
+``DATALOADER.ASPECT_RATIO_GROUPING False`` continues exactly as the uninterrupted one
+(with data workers or aspect-ratio grouping it continues from the right position in the
+stream, but augmentation randomness and partially filled aspect-ratio buckets differ).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from detectron2.utils import comm
+from torch.utils.data import Sampler
+
+__all__ = ["ResumableSampler", "RNGStates"]
+
+logger = logging.getLogger(__name__)
+
+
+class ResumableSampler(Sampler):
+    """An infinite per-process training sampler that can start ``n`` indices into its stream.
+
+    Wraps detectron2's ``TrainingSampler`` (or any sampler of an infinite per-process index
+    stream); :meth:`start_at` must be called before the data loader's first batch is drawn
+    (detectron2 only starts iterating the sampler at the first training step).
+    """
+
+    def __init__(self, sampler: Sampler) -> None:
+        self._sampler = sampler
+        self._start = 0
+
+    def start_at(self, num_indices: int) -> None:
+        """Skip the first ``num_indices`` indices of this process's stream."""
+        if num_indices < 0:
+            raise ValueError(f"ResumableSampler.start_at: expected >= 0, got {num_indices}")
+        self._start = num_indices
+
+    def __iter__(self) -> Iterator[int]:
+        yield from itertools.islice(iter(self._sampler), self._start, None)
+
+
+class RNGStates:
+    """Checkpointable Python/NumPy/torch(/CUDA) random generator states of this process.
+
+    Only restored in single-process runs: the checkpoint is written by the main process,
+    whose states the other processes must not take over (they use ``seed + rank``).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {
+            "python": random.getstate(),
+            # Plain Python values and tensors only: checkpoints load with weights_only=True.
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if comm.get_world_size() > 1:
+            logger.info("RNGStates: not restored in a multi-process run (each rank keeps its "
+                        "own seed); the resumed run is statistically, not exactly, the same")
+            return
+        random.setstate(state["python"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

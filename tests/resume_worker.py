@@ -1,0 +1,46 @@
+"""Subprocess of tests/test_resume.py: trains the tiny MABN config with tools/train_net.py's
+set-up and appends ``{"iteration", "total_loss"}`` of every step to ``LOSSES`` (JSON lines).
+
+Usage: python tests/resume_worker.py LOSSES [--resume] [cfg opts ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from detectron2.engine import default_argument_parser, hooks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # train_net.setup
+import train_net  # noqa: E402
+
+from mabn_d2.engine import MABNTrainer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml"
+
+
+class RecordLosses(hooks.HookBase):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def after_step(self) -> None:
+        loss = self.trainer.storage.history("total_loss").latest()
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"iteration": self.trainer.iter, "total_loss": loss}) + "\n")
+            f.flush()
+
+
+def main() -> None:
+    losses_path, rest = sys.argv[1], sys.argv[2:]
+    args = default_argument_parser().parse_args(["--config-file", str(TINY), *rest])
+    cfg = train_net.setup(args)
+    trainer = MABNTrainer(cfg)
+    trainer.register_hooks([RecordLosses(losses_path)])
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main()
