@@ -70,7 +70,7 @@ def load() -> bool:
             _STATE["ok"] = _ops_registered()
             if not _STATE["ok"]:
                 raise RuntimeError("the extension loaded but registered no mabn_d2 ops")
-            torch.ops.mabn_d2.set_hugepages(os.environ.get("MABN_D2_HUGEPAGES", "1") != "0")
+            torch.ops.mabn_d2.set_hugepages(os.environ.get("MABN_D2_HUGEPAGES", "0") == "1")
         except Exception as e:  # any build problem means: use the fallback
             _STATE["ok"] = False
             _STATE["error"] = f"{type(e).__name__}: {e}"
@@ -115,11 +115,12 @@ def load_error() -> str | None:
 
 
 def set_hugepages(enabled: bool) -> None:
-    """Back large outputs of the C++ kernels with transparent huge pages (default on).
+    """Back large outputs of the C++ kernels with transparent huge pages (default off).
 
-    Saves the page faults of fresh 100 MB outputs where the OS runs THP in ``madvise`` mode
-    (what PyTorch does for all allocations under ``THP_MEM_ALLOC_ENABLE=1``). Also set by the
-    environment variable ``MABN_D2_HUGEPAGES=0|1`` when the extension loads.
+    Saves most of the page-fault time of fresh 100 MB outputs where the OS runs THP in
+    ``madvise`` mode (what PyTorch does for all allocations under ``THP_MEM_ALLOC_ENABLE=1``),
+    on an idle machine; on a loaded one it was measured to be several times slower
+    (docs/speed.md). Also set by ``MABN_D2_HUGEPAGES=1`` when the extension loads.
     """
     if load():
         torch.ops.mabn_d2.set_hugepages(bool(enabled))

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mabn_d2  # noqa: E402  (registers the "MABN" norm)
-from mabn_d2 import MABN2d, kernels  # noqa: E402
+from mabn_d2 import MABN2d, cpu_kernels, kernels  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER_SHAPES = [(2, 256, 200, 272), (2, 256, 50, 68), (2, 64, 400, 544), (1024, 256, 7, 7)]
@@ -173,21 +173,31 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def layer_candidates(c: int) -> dict[str, tuple[nn.Module, str]]:
-    """name -> (module, kernel backend to force, or "" for none)."""
-    return {
-        "MABN2d": (steady_state(MABN2d(c)), "auto"),
-        "MABN2d_plain": (steady_state(MABN2d(c)), "plain"),
-        "BatchNorm2d": (nn.BatchNorm2d(c), ""),
-        "GroupNorm32": (nn.GroupNorm(32, c), ""),
-        "naive_MABN": (steady_state(NaiveMABN2d(c)), ""),
+def layer_candidates(c: int) -> dict[str, tuple[nn.Module, str, bool]]:
+    """name -> (module, kernel backend to force or "", huge pages for the C++ outputs)."""
+    hugepages = os.environ.get("MABN_D2_HUGEPAGES", "0") == "1"
+    candidates = {
+        "MABN2d": (steady_state(MABN2d(c)), "auto", hugepages),
+        # The C++ kernels' outputs on transparent huge pages (opt-in, MABN_D2_HUGEPAGES=1).
+        "MABN2d_hugepages": (steady_state(MABN2d(c)), "auto", True),
+        "MABN2d_plain": (steady_state(MABN2d(c)), "plain", hugepages),
+        "BatchNorm2d": (nn.BatchNorm2d(c), "", hugepages),
+        "GroupNorm32": (nn.GroupNorm(32, c), "", hugepages),
+        "naive_MABN": (steady_state(NaiveMABN2d(c)), "", hugepages),
     }
+    if hugepages or kernels.backend_for(torch.zeros(1, 1, 1, 1)) != "cpp":
+        del candidates["MABN2d_hugepages"]  # the same as MABN2d here, or no C++ kernels
+    return candidates
 
 
-def layer_step(module: nn.Module, backend: str, x: Tensor, dy: Tensor) -> Callable[[], None]:
+def layer_step(
+    module: nn.Module, backend: str, x: Tensor, dy: Tensor, hugepages: bool = True
+) -> Callable[[], None]:
     """One training forward + backward of ``module`` (kernels forced to ``backend`` if set)."""
 
     def run() -> None:
+        if x.device.type == "cpu" and kernels.backend_for(x) == "cpp":
+            cpu_kernels.set_hugepages(hugepages)
         x.grad = None
         for p in module.parameters():
             p.grad = None
@@ -206,8 +216,8 @@ def bench_shape(shape: tuple[int, ...], repeats: int, device: torch.device,
     x = (torch.randn(shape, generator=g) * 2 + 0.3).to(device).requires_grad_()
     dy = torch.randn(shape, generator=g).to(device)
     steps = {
-        name: layer_step(module.to(device).train(), backend, x, dy)
-        for name, (module, backend) in layer_candidates(shape[1]).items()
+        name: layer_step(module.to(device).train(), backend, x, dy, hugepages)
+        for name, (module, backend, hugepages) in layer_candidates(shape[1]).items()
     }
     timing = interleaved_medians(steps, repeats, warmup=2, device=device)
     memory = {}
@@ -353,8 +363,6 @@ def bench_model_inference(repeats: int, image_size: int, device: torch.device) -
 
 
 def environment(device: torch.device) -> dict:
-    from mabn_d2 import cpu_kernels
-
     info = {
         "device": str(device),
         "torch": torch.__version__,
@@ -363,7 +371,7 @@ def environment(device: torch.device) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mabn_kernels": kernels.backend_for(torch.zeros(1, 1, 1, 1, device=device)),
         "cpp_build_error": cpu_kernels.load_error(),
-        "MABN_D2_HUGEPAGES": os.environ.get("MABN_D2_HUGEPAGES", "1"),
+        "MABN_D2_HUGEPAGES": os.environ.get("MABN_D2_HUGEPAGES", "0"),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "loadavg_start": os.getloadavg(),
     }

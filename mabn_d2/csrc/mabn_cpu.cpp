@@ -77,11 +77,12 @@ struct Layout {
   }
 };
 
-// Back large outputs with transparent huge pages where the kernel allows it (THP "madvise"
-// mode). A fresh 100 MB output otherwise costs ~25,000 page faults, more than the pass itself;
-// this is what PyTorch does for every allocation under THP_MEM_ALLOC_ENABLE=1. Advisory only:
-// madvise failing changes nothing but speed.
-std::atomic<bool> g_hugepages{true};
+// Optionally back large outputs with transparent huge pages (THP "madvise" mode): a fresh
+// 100 MB output costs ~25,000 page faults, often more than the pass itself; PyTorch does the
+// same for every allocation under THP_MEM_ALLOC_ENABLE=1. Off by default: on a loaded machine
+// huge-page faults were measured to be several times slower instead (docs/speed.md).
+// Advisory only: madvise failing changes nothing but speed.
+std::atomic<bool> g_hugepages{false};
 constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
 
 Tensor empty_output(const Tensor& like) {
