@@ -15,6 +15,9 @@ detectron2's ``tools/train_net.py`` conventions, on :class:`mabn_d2.engine.MABNT
     python tools/train_net.py --config-file CFG --resume
 
     # your own COCO-format data: see docs/training.md (DATASETS.REGISTER_COCO)
+
+    # several processes without CUDA (gloo; MODEL.DEVICE cpu), e.g. to try DDP on a laptop
+    python tools/train_net.py --num-gpus 2 --config-file CFG MODEL.DEVICE cpu
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from __future__ import annotations
 import argparse
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 
 import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
+from mabn_d2.distributed import launch  # detectron2's launch; gloo processes without CUDA
 from mabn_d2.engine import MABNTrainer, get_mabn_cfg, mabn_setup
 
 
