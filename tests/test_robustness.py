@@ -11,7 +11,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 from detectron2.modeling.roi_heads import build_box_head, build_mask_head
 
-from mabn_d2 import MABN2d, add_mabn_config
+from mabn_d2 import MABN2d, add_mabn_config, fuse_mabn
 
 SMALL = dict(buffer_size=4, warmup_iters=3, renorm_start_iter=5)
 
@@ -183,3 +183,17 @@ def test_bfloat16_autocast_training_keeps_float32_finite_statistics():
         for buf in (m.running_second_moment, m.chi2_buffer, m.psi_buffer):
             assert buf.dtype == torch.float32 and torch.isfinite(buf).all()
         assert m.psi_buffer.abs().sum() > 0
+
+
+def test_fused_heads_with_zero_rois():
+    cfg = mabn_heads_cfg()
+    box_head = build_box_head(cfg, ShapeSpec(channels=16, height=7, width=7)).eval()
+    mask_head = build_mask_head(cfg, ShapeSpec(channels=16, height=14, width=14)).eval()
+    fused_box, fused_mask = fuse_mabn(box_head), fuse_mabn(mask_head)
+    for fused in (fused_box, fused_mask):
+        assert not any(isinstance(m, MABN2d) for m in fused.modules())
+    boxes = fused_box(torch.zeros(0, 16, 7, 7))
+    masks = fused_mask.layers(torch.zeros(0, 16, 14, 14))
+    assert boxes.shape == (0, cfg.MODEL.ROI_BOX_HEAD.FC_DIM) and masks.shape[0] == 0
+    x = torch.randn(3, 16, 7, 7)
+    torch.testing.assert_close(fused_box(x), box_head(x))
