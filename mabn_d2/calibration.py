@@ -10,10 +10,16 @@ the second moment of its input ``chi2 = mean_{N,H,W}(x^2)`` over all batches (we
   layer's ``running_second_moment`` becomes the measured ``s`` with ``weight`` compensated,
   ``weight *= sqrt(s + eps) / sqrt(s_old + eps)``, so the eval function is unchanged. As no
   layer's function changes, the inputs of every layer are those of the final model, and one
-  pass calibrates all layers at once, whatever their order. ``chi2_buffer`` receives the
-  per-batch values. MABN's training mode (batch statistics for the first ``max(m, warmup)``
-  steps) then computes ``weight * x / sqrt(chi2_B + eps) + bias``, close to the pretrained
-  ``weight * x / sqrt(s + eps) + bias`` because ``chi2_B`` is close to ``s``.
+  pass calibrates all layers at once, whatever their order. The forward moving average is
+  filled too: every slot of ``chi2_buffer`` holds ``s`` and the layer counts ``m`` steps
+  (``num_batches_tracked``), so with ``warmup_iters <= m`` the first training step
+  normalizes with the moving average ``mean(chi2_buffer) = s``: training starts from the
+  pretrained function, whatever the first batch. (During a warm-up, training-mode MABN
+  normalizes with each batch's ``chi2_B`` instead, which at 2 images per batch can differ
+  from ``s`` by tens of percent.) ``psi_buffer`` (backward statistics: they need
+  gradients) stays zero, so for the first ``m`` steps the backward's statistics term is
+  damped: the gradient moves from that of the frozen affine (detectron2's FrozenBN
+  fine-tuning) to MABN's.
 * :func:`precise_mabn_stats` (after training, ``TEST.PRECISE_BN``): the statistics are
   recomputed for the fixed weights, which changes the eval function of each layer and hence
   the input of the next. As detectron2's PreciseBN does for BN, every layer normalizes with
@@ -92,28 +98,19 @@ def layers_to_calibrate(model: nn.Module, mode: str = "auto") -> dict[str, MABN2
 
 @dataclass
 class _Moments:
-    """Per-layer accumulators: float64 sums of ``x^2`` and element counts per channel."""
+    """Per-layer accumulators: the float64 sum of ``x^2`` per channel, and the element count
+    per channel (``N*H*W`` summed over calls)."""
 
     total: Tensor
     count: int = 0
-    batch_total: Tensor | None = None
-    batch_count: int = 0
-    batch_values: list[Tensor] = field(default_factory=list)
 
     def add(self, x: Tensor) -> Tensor:
+        """Accumulate one call's input; returns its ``chi2_B``."""
         sum_sq = x.detach().double().square().sum(dim=(0, 2, 3))
         n = x.numel() // x.shape[1]
-        self.batch_total = sum_sq if self.batch_total is None else self.batch_total + sum_sq
-        self.batch_count += n
+        self.total = self.total.to(sum_sq.device) + sum_sq
+        self.count += n
         return sum_sq / n
-
-    def end_batch(self) -> None:
-        if self.batch_total is None:
-            return
-        self.total += self.batch_total.to(self.total.device)
-        self.count += self.batch_count
-        self.batch_values.append((self.batch_total / self.batch_count).float())
-        self.batch_total, self.batch_count = None, 0
 
 
 @contextlib.contextmanager
@@ -159,8 +156,6 @@ def _run(model: nn.Module, data: Iterable[Any], num_batches: int,
     with torch.no_grad(), EventStorage():  # detectron2 models log events while training
         for batch in itertools.islice(data, num_batches):
             model(batch)
-            for acc in moments.values():
-                acc.end_batch()
             done += 1
     if done == 0:
         raise ValueError("MABN calibration: the data loader produced no batch")
@@ -171,16 +166,18 @@ def _population_second_moments(moments: dict[str, _Moments]) -> dict[str, Tensor
     """``sum x^2 / count`` per layer (all-reduced over processes); None for unseen layers."""
     names = sorted(moments)
     if comm.get_world_size() > 1:
-        totals = torch.stack([moments[n].total for n in names])
-        counts = torch.tensor([float(moments[n].count) for n in names], dtype=torch.float64)
-        backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-        totals, counts = totals.to(backend_device), counts.to(backend_device)
-        torch.distributed.all_reduce(totals)
-        torch.distributed.all_reduce(counts)
-        for i, name in enumerate(names):
-            moments[name].total = totals[i].cpu()
-            moments[name].count = int(counts[i].item())
-    return {n: (moments[n].total / moments[n].count if moments[n].count else None)
+        # One all-reduce: every layer's sums (channel counts differ) and element counts.
+        sizes = [moments[n].total.numel() for n in names]
+        flat = torch.cat([moments[n].total.cpu() for n in names]
+                         + [torch.tensor([float(moments[n].count) for n in names],
+                                         dtype=torch.float64)])
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        flat = flat.to(device)
+        torch.distributed.all_reduce(flat)
+        *totals, counts = flat.cpu().split(sizes + [len(names)])
+        for name, total, count in zip(names, totals, counts.tolist()):
+            moments[name].total, moments[name].count = total, int(count)
+    return {n: (moments[n].total.cpu() / moments[n].count if moments[n].count else None)
             for n in names}
 
 
@@ -234,9 +231,10 @@ def _measure(model: nn.Module, data: Iterable[Any], num_batches: int,
             if calibrate:
                 factor = torch.sqrt((s_new + layer.eps) / (s_old + layer.eps))
                 layer.weight.mul_(factor.to(layer.weight))
-                values = moments[name].batch_values
-                for slot in range(layer.buffer_size):
-                    layer.chi2_buffer[slot].copy_(values[slot % len(values)])
+                layer.chi2_buffer.copy_(s_new.to(layer.chi2_buffer).expand_as(layer.chi2_buffer))
+                # The moving average now holds m batches' statistics: count them as steps.
+                layer._iteration = max(layer._iteration, layer.buffer_size)
+                layer.num_batches_tracked.fill_(layer._iteration)
             layer.running_second_moment.copy_(s_new.to(layer.running_second_moment))
         report.updated[name] = (float(s_old.mean()), float(s_new.mean()))
     if report.unseen:

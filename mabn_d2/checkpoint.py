@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from detectron2.checkpoint.c2_model_loading import (
     align_and_update_state_dicts,
     convert_c2_detectron_names,
@@ -53,6 +54,7 @@ from .convert import (
     SOURCE_MABN,
     SOURCE_NEW,
     fold_bn,
+    has_usable_statistics,
     moving_average_state,
 )
 from .mabn import MABN2d
@@ -225,10 +227,33 @@ class _LayerConverter:
         fresh = moving_average_state(self.layer.buffer_size, self.layer.num_features)
         return {self.key(leaf): value for leaf, value in fresh.items()}
 
+    def _conv_bias(self) -> Tensor | None:
+        """The checkpoint's bias of the conv feeding this layer, if the model's conv has none
+        (consumed: it is folded into the MABN layer)."""
+        key = f"{self.conv_name}.bias"
+        if self.conv_name is None or getattr(self.conv, "bias", None) is not None \
+                or key not in self.state:
+            return None
+        bias = self.state[key]
+        if tuple(bias.shape) != (self.layer.num_features,):
+            self.errors.append(_mismatch(key, bias, (self.layer.num_features,), _ARCH_HINT))
+            return None
+        self.consumed.add(key)
+        return bias
+
     def _folded(self, source: str, note: str = "", **fold_args: Any
                 ) -> tuple[dict[str, Tensor], LayerLoad]:
+        statistics = has_usable_statistics(fold_args.get("running_mean"),
+                                           fold_args.get("running_var"))
+        conv_bias = self._conv_bias() if source != SOURCE_IDENTITY else None
+        if conv_bias is not None:
+            # norm(conv(x) + b) is norm'(conv(x)) with the norm's mean shifted by -b.
+            zeros = torch.zeros(self.layer.num_features)
+            fold_args["running_mean"] = fold_args.get("running_mean", zeros) - conv_bias
+            fold_args.setdefault("running_var", torch.ones(self.layer.num_features))
+            note = "conv bias folded in"
         folded = fold_bn(self.layer.num_features, mabn_eps=self.layer.eps, **fold_args)
-        if source == SOURCE_BN and not folded.has_statistics:
+        if source == SOURCE_BN and not statistics:
             source, note = SOURCE_AFFINE, "identity statistics (mean 0, var 1)"
         entries = {self.key("weight"): folded.weight, self.key("bias"): folded.bias,
                    self.key("running_second_moment"): folded.running_second_moment,
@@ -244,7 +269,7 @@ class _LayerConverter:
             if leaf not in leaves:
                 self.errors.append(f"{self.name}: MABN entries without {self.key(leaf)}")
         present = leaves & set(MOVING_AVERAGE_KEYS)
-        entries = {self.key(leaf): self.state[self.key(leaf)] for leaf in leaves}
+        entries = {self.key(leaf): self.state[self.key(leaf)] for leaf in leaves & set(MABN_KEYS)}
         note = ""
         if not present:
             entries.update(self._moving_averages())
@@ -303,15 +328,7 @@ class _LayerConverter:
     def _from_conv(self) -> tuple[dict[str, Tensor], LayerLoad]:
         if self.conv_name is None or f"{self.conv_name}.weight" not in self.state:
             return {}, LayerLoad(self.name, SOURCE_NEW)
-        bias_key = f"{self.conv_name}.bias"
-        bias = None
-        if getattr(self.conv, "bias", None) is None and bias_key in self.state:
-            bias = self.state[bias_key]
-            self.consumed.add(bias_key)
-            if tuple(bias.shape) != (self.layer.num_features,):
-                self.errors.append(_mismatch(bias_key, bias, (self.layer.num_features,),
-                                             _ARCH_HINT))
-                return {}, LayerLoad(self.name, SOURCE_NEW)
+        bias = self._conv_bias()
         # y = x + bias: weight = sqrt(1 + eps) with the placeholder second moment 1.
         return self._folded(SOURCE_IDENTITY, "conv bias" if bias is not None else "no bias",
                             bias=bias, bn_eps=0.0)
@@ -386,9 +403,14 @@ def _unmatched_entries(converted: Mapping[str, Tensor], model_keys: set[str],
         if key in model_keys:
             continue
         module, _, leaf = key.rpartition(".")
-        layer = next((t for t in targets if module and (t == module or t.endswith("." + module))),
-                     None)
-        if layer is not None:
+        if module in layers:
+            continue  # entries of unknown layout: reported by the layer's conversion
+        if module in conv_names:
+            errors.append(f"{key}: {module} (feeding {conv_names[module]}) has no such entry "
+                          "in the model")
+            continue
+        layer = next((t for t in targets if module and t.endswith("." + module)), None)
+        if layer is not None:  # detectron2's name matching left it out: its shape
             errors.append(f"{key} (shape {tuple(value.shape)}) fits no entry of "
                           f"{layer}: wrong shape. {_ARCH_HINT}")
         elif leaf in _STATISTICS:

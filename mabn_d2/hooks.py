@@ -1,9 +1,12 @@
 """detectron2 training hooks: MABN calibration before training, MABN PreciseBN after.
 
-``MABNTrainer`` adds them (see :meth:`mabn_d2.engine.MABNTrainer.build_mabn_hooks`); with a
-plain ``DefaultTrainer`` add them to ``build_hooks``::
+:func:`build_mabn_hooks` gives both for a cfg. In a ``DefaultTrainer`` subclass, put them
+before the checkpointer (so that what they change is saved)::
 
-    hooks.insert(-2, MABNCalibrationHook.from_config(cfg, self.model, self.build_train_loader))
+    def build_hooks(self):
+        hooks = super().build_hooks()  # [timer, lr scheduler, BN PreciseBN, checkpointer, ...]
+        return hooks[:3] + build_mabn_hooks(self.cfg, self.model, self.build_train_loader) \
+            + hooks[3:]
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class MABNPreciseBN(HookBase):
         self._num_iter = num_iter
         self._data_loader = data_loader
         self._data_iter = None
+        self.report = None  # of the last update
         self._disabled = not mabn_layers(model)
         if self._disabled:
             logger.info("mabn_d2: MABN PreciseBN is disabled: the model has no MABN layers")
@@ -96,8 +100,8 @@ class MABNPreciseBN(HookBase):
         if self._data_iter is None:
             self._data_iter = iter(self._data_loader)
         logger.info("mabn_d2: MABN PreciseBN over %d batches ...", self._num_iter)
-        precise_mabn_stats(self._model, itertools.islice(self._data_iter, self._num_iter),
-                           self._num_iter)
+        self.report = precise_mabn_stats(
+            self._model, itertools.islice(self._data_iter, self._num_iter), self._num_iter)
 
 
 def build_mabn_hooks(cfg: CfgNode, model: nn.Module,

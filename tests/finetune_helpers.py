@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
+import io
 import pickle
 import re
 from pathlib import Path
@@ -47,11 +50,22 @@ def small_rcnn_cfg(norm: str = "MABN", backbone_norm: str | None = None, **mabn)
     return cfg
 
 
-def coco_batches(cfg: CfgNode, num_batches: int, start: int = 0, per_batch: int = 2
-                 ) -> list[list[dict]]:
+def small_backbone_cfg(norm: str, **mabn) -> CfgNode:
+    """A ResNet-18 backbone (``build_backbone``), 4 stages, ``norm`` in every block."""
+    cfg = add_mabn_config(get_cfg())
+    cfg.merge_from_list(["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+                         "MODEL.RESNETS.NORM", norm, "MODEL.BACKBONE.FREEZE_AT", "0",
+                         "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']"])
+    for key, value in mabn.items():
+        setattr(cfg.MODEL.MABN, key, value)
+    return cfg
+
+
+def coco_batches(cfg: CfgNode, num_batches: int, start: int = 0, per_batch: int = 2,
+                 dataset: str = "coco_2017_train") -> list[list[dict]]:
     """Mapped training batches of coco_mini images with at least one non-crowd object,
     deterministic (no flip; fixed size), images ``start .. start + num_batches * per_batch``."""
-    dicts = [d for d in DatasetCatalog.get("coco_2017_train")
+    dicts = [d for d in DatasetCatalog.get(dataset)
              if any(not a.get("iscrowd", 0) for a in d["annotations"])]
     picked = dicts[start:start + num_batches * per_batch]
     assert len(picked) == num_batches * per_batch, "coco_mini has too few training images"
@@ -139,3 +153,15 @@ def set_bn_statistics(model: nn.Module, batches: list[list[dict]]) -> None:
             total_loss(model, batch)
     for bn in bns:
         bn.momentum = 0.1
+
+
+def run_tool(*args: str) -> tuple[int, str]:
+    """``tools/convert_checkpoint.py ARGS`` in this process: (exit code, stdout + stderr)."""
+    path = Path(__file__).resolve().parents[1] / "tools/convert_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = tool.main(list(args))
+    return code, out.getvalue()

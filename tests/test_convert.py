@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib.util
-import io
 import pickle
 
 import pytest
 import torch
 import torchvision
-from conftest import REPO
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_backbone
-from finetune_helpers import c2_name, relative_l2
+from finetune_helpers import c2_name, relative_l2, run_tool, small_backbone_cfg
 from torch import nn
 
-from mabn_d2 import MABN2d, add_mabn_config
+from mabn_d2 import MABN2d
 from mabn_d2.convert import (
     SOURCE_AFFINE,
     SOURCE_BN,
@@ -112,16 +107,6 @@ def test_a_bn_module_itself_is_replaced_and_untracked_bn_keeps_gamma_beta():
     assert mabn._mabn_source == SOURCE_NEW and torch.equal(mabn.weight, torch.full((4,), 2.0))
 
 
-def small_backbone_cfg(norm: str, **mabn):
-    cfg = add_mabn_config(get_cfg())
-    cfg.merge_from_list(["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-                         "MODEL.RESNETS.NORM", norm, "MODEL.BACKBONE.FREEZE_AT", "0",
-                         "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']"])
-    for key, value in mabn.items():
-        setattr(cfg.MODEL.MABN, key, value)
-    return cfg
-
-
 def outputs(model, x):
     model.eval()
     with torch.no_grad():
@@ -147,24 +132,25 @@ def test_norm_less_convs_load_as_identity_mabn(tmp_path):
         assert relative_l2(outputs(mabn, x)[key], ref) < 1e-5, key
 
 
+def test_conv_bias_before_bn_folds_into_mabn(tmp_path):
+    torch.manual_seed(0)
+    source = nn.Sequential(Conv2d(3, 4, 3, bias=True, norm=nn.BatchNorm2d(4)))
+    randomize_bn(source)
+    with torch.no_grad():
+        source[0].bias.normal_()
+    DetectionCheckpointer(source, str(tmp_path)).save("conv_bias_bn")
+    target = nn.Sequential(Conv2d(3, 4, 3, bias=False, norm=MABN2d(4)))
+    DetectionCheckpointer(target).load(str(tmp_path / "conv_bias_bn.pth"))
+    x = torch.randn(2, 3, 8, 8)
+    assert relative_l2(outputs(target, x), outputs(source, x)) < 1e-5
+
+
 def _fpn_cfg(fpn_norm: str, **mabn):
     cfg = small_backbone_cfg("BN", **mabn)
     cfg.merge_from_list(["MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODEL.FPN.NORM",
                          fpn_norm, "MODEL.FPN.OUT_CHANNELS", "32",
                          "MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']"])
     return cfg
-
-
-def run_tool(*args: str) -> tuple[int, str]:
-    """``tools/convert_checkpoint.py ARGS`` in this process: (exit code, stdout + stderr)."""
-    spec = importlib.util.spec_from_file_location("convert_checkpoint",
-                                                  REPO / "tools/convert_checkpoint.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = tool.main(list(args))
-    return code, out.getvalue()
 
 
 def test_tool_converts_a_plain_pytorch_state_dict(tmp_path):

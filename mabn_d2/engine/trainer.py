@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data import check_num_classes
 from ..evaluation import build_coco_evaluator, save_eval_results, summary_table
+from ..hooks import build_mabn_hooks
 from .resume import ResumableSampler, RNGStates
 from .setup import describe_mabn_model
 
@@ -128,10 +129,14 @@ class MABNTrainer(DefaultTrainer):
         """The hooks mabn_d2 adds to detectron2's defaults, run before the checkpointer and
         the evaluation (so that what they change is saved and evaluated).
 
-        None yet: MABN calibration / precise statistics and the batch-statistics recorder
-        append theirs here.
+        MABN calibration before training (``MODEL.MABN.CALIBRATION``) and MABN PreciseBN
+        (``TEST.PRECISE_BN``), see :mod:`mabn_d2.hooks`; the batch-statistics recorder
+        appends its own here.
         """
-        return []
+        cfg = self.cfg.clone()
+        cfg.defrost()
+        cfg.DATALOADER.NUM_WORKERS = 0  # as detectron2's PreciseBN loader
+        return build_mabn_hooks(cfg, self.model, self.build_train_loader)
 
     def build_hooks(self) -> list[hooks.HookBase | None]:
         return _insert_before(
