@@ -107,6 +107,14 @@ void check_input(const Tensor& x, const char* name) {
   TORCH_CHECK(x.is_contiguous(), "mabn_d2 CPU kernels: ", name, " must be contiguous");
 }
 
+void check_pair(const Tensor& dy, const Tensor& x) {
+  check_input(dy, "dy");
+  check_input(x, "x");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "mabn_d2 CPU kernels: dy and x must have the same shape and dtype, got ", dy.sizes(),
+              " ", dy.scalar_type(), " and ", x.sizes(), " ", x.scalar_type());
+}
+
 void check_coefficient(const Tensor& v, const Tensor& like, const char* name) {
   TORCH_CHECK(v.device().is_cpu() && v.dim() == 1 && v.size(0) == like.size(1),
               "mabn_d2 CPU kernels: ", name, " must be a CPU tensor of shape (",
@@ -272,11 +280,7 @@ Tensor channel_affine(const Tensor& x, const Tensor& scale, const Tensor& shift)
 
 std::tuple<Tensor, Tensor> grad_reductions(const Tensor& dy, const Tensor& x,
                                            at::ScalarType out_dtype) {
-  check_input(dy, "dy");
-  check_input(x, "x");
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "mabn_d2 CPU kernels: dy and x must have the same shape and dtype, got ", dy.sizes(),
-              " ", dy.scalar_type(), " and ", x.sizes(), " ", x.scalar_type());
+  check_pair(dy, x);
   const Layout lay(x);
   Tensor both = at::empty({2, lay.channels}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
@@ -298,10 +302,7 @@ std::tuple<Tensor, Tensor> grad_reductions(const Tensor& dy, const Tensor& x,
 }
 
 Tensor grad_input(const Tensor& dy, const Tensor& x, const Tensor& a_t, const Tensor& b_t) {
-  check_input(dy, "dy");
-  check_input(x, "x");
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "mabn_d2 CPU kernels: dy and x must have the same shape and dtype");
+  check_pair(dy, x);
   check_coefficient(a_t, x, "a");
   check_coefficient(b_t, x, "b");
   const Layout lay(x);
