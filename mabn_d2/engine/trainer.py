@@ -15,6 +15,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from torch import nn
 
+from ..batch_stats import build_batch_stats_hook
 from ..data import check_num_classes
 from ..evaluation import build_coco_evaluator, save_eval_results, summary_table
 from ..hooks import build_mabn_hooks
@@ -136,7 +137,12 @@ class MABNTrainer(DefaultTrainer):
         cfg = self.cfg.clone()
         cfg.defrost()
         cfg.DATALOADER.NUM_WORKERS = 0  # as detectron2's PreciseBN loader
-        return build_mabn_hooks(cfg, self.model, self.build_train_loader)
+        # BATCH_STATS.PERIOD > 0: the recorder, first so that it collects a step's statistics
+        # before the other hooks run forward passes of their own.
+        recorder = build_batch_stats_hook(self.cfg)
+        return ([recorder] if recorder is not None else []) + build_mabn_hooks(
+            cfg, self.model, self.build_train_loader
+        )
 
     def build_hooks(self) -> list[hooks.HookBase | None]:
         return _insert_before(
