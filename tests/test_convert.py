@@ -132,6 +132,40 @@ def test_norm_less_convs_load_as_identity_mabn(tmp_path):
         assert relative_l2(outputs(mabn, x)[key], ref) < 1e-5, key
 
 
+def torchvision_to_detectron2(state: dict) -> dict:
+    """detectron2's tools/convert-torchvision-to-d2.py renaming (numpy values)."""
+    renamed = {}
+    for key, value in state.items():
+        new = key if "layer" in key else "stem." + key
+        for t in (1, 2, 3, 4):
+            new = new.replace(f"layer{t}", f"res{t + 1}")
+        for t in (1, 2, 3):
+            new = new.replace(f"bn{t}", f"conv{t}.norm")
+        new = new.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        renamed[new] = value.detach().numpy()
+    return renamed
+
+
+def test_torchvision_checkpoint_converted_the_detectron2_way(tmp_path):
+    torch.manual_seed(0)
+    tv = randomize_bn(torchvision.models.resnet18()).eval()
+    with open(tmp_path / "r18_tv.pkl", "wb") as f:
+        pickle.dump({"model": torchvision_to_detectron2(tv.state_dict()),
+                     "__author__": "torchvision", "matching_heuristics": True}, f)
+    mabn = build_backbone(small_backbone_cfg("MABN", CENTRALIZE_WEIGHTS=False))
+    checkpointer = DetectionCheckpointer(mabn)
+    checkpointer.load(str(tmp_path / "r18_tv.pkl"))
+    assert len(checkpointer.mabn_load_report.names(SOURCE_BN)) == 20
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        h = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        expected = {}
+        for i, stage in enumerate((tv.layer1, tv.layer2, tv.layer3, tv.layer4)):
+            h = expected[f"res{i + 2}"] = stage(h)
+    for key, value in outputs(mabn, x).items():
+        assert relative_l2(value, expected[key]) < 1e-5, key
+
+
 def test_conv_bias_before_bn_folds_into_mabn(tmp_path):
     torch.manual_seed(0)
     source = nn.Sequential(Conv2d(3, 4, 3, bias=True, norm=nn.BatchNorm2d(4)))
