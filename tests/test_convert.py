@@ -235,3 +235,21 @@ def test_tool_rejects_a_non_pth_output(tmp_path):
     torch.save({"a.weight": torch.ones(1)}, tmp_path / "x.pth")
     code, output = run_tool(str(tmp_path / "x.pth"), str(tmp_path / "y.pkl"))
     assert code == 1 and "must be a .pth" in output
+
+
+def test_tool_folds_affine_only_norms_on_request(tmp_path):
+    state = {"conv.weight": torch.randn(3, 2, 1, 1), "bn.weight": torch.rand(3) + 0.5,
+             "bn.bias": torch.randn(3)}
+    torch.save(state, tmp_path / "affine.pth")
+    code, output = run_tool(str(tmp_path / "affine.pth"), str(tmp_path / "kept.pth"))
+    assert code == 0 and "0 norm layers converted" in output  # weight/bias alone: could be GN
+    code, output = run_tool(str(tmp_path / "affine.pth"), str(tmp_path / "folded.pth"),
+                            "--affine", "--eps", "0")
+    assert code == 0 and "1 norm layers converted to MABN {'affine': 1}" in output
+    converted = torch.load(tmp_path / "folded.pth")
+    assert converted["mabn_d2_sources"] == {"bn": SOURCE_AFFINE}
+    model = converted["model"]
+    torch.testing.assert_close(model["bn.running_second_moment"], torch.ones(3))
+    # eps 0 in MABN, 1e-5 in the source BN: weight = gamma / sqrt(1 + 1e-5).
+    torch.testing.assert_close(model["bn.weight"], state["bn.weight"] / (1 + 1e-5) ** 0.5)
+    torch.testing.assert_close(model["bn.bias"], state["bn.bias"])

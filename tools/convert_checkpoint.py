@@ -40,7 +40,7 @@ from mabn_d2.convert import (
     convert_bn_state_dict,
 )
 
-_NORM_NAME = re.compile(r"(^|\.)(norm|bn\d*|gn\d*)$")
+_NORM_NAME = re.compile(r"(^|\.)(norm|bn\d*)$")
 
 
 def read_checkpoint(path: str) -> dict:
@@ -77,7 +77,7 @@ def _affine_modules(state: dict, renamed_to_original: dict[str, str] | None,
         if renamed_to_original is not None:
             if renamed_to_original[f"{module}.weight"].endswith("_bn_s"):
                 found.append(module)
-        elif all_norms and _NORM_NAME.search(module) and "gn" not in module.rpartition(".")[2]:
+        elif all_norms and _NORM_NAME.search(module):
             found.append(module)
     return found
 
