@@ -63,10 +63,17 @@ def _paths(root: Path, split_dir: str) -> tuple[Path, Path]:
 
 
 def _is_current(root: Path) -> bool:
+    """A complete copy made by this generator version with these specs."""
     try:
-        return json.loads((root / _MANIFEST).read_text()) == _manifest()
+        if json.loads((root / _MANIFEST).read_text()) != _manifest():
+            return False
     except (OSError, ValueError):
         return False
+    for split_dir, spec in DEMO_SPLITS.values():
+        image_dir, json_file = _paths(root, split_dir)
+        if not json_file.is_file() or len(list(image_dir.glob("*.png"))) != spec.num_images:
+            return False
+    return True
 
 
 def ensure_demo_dataset(root: Path | None = None) -> Path:
@@ -86,7 +93,7 @@ def ensure_demo_dataset(root: Path | None = None) -> Path:
         for split_dir, spec in DEMO_SPLITS.values():
             write_split(spec, *_paths(tmp, split_dir))
         (tmp / _MANIFEST).write_text(json.dumps(_manifest(), indent=1))
-        if root.exists() and not _is_current(root):  # stale: another generator version
+        if root.exists() and not _is_current(root):  # stale or incomplete
             shutil.rmtree(root)
         try:
             tmp.rename(root)
