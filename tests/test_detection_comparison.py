@@ -1,0 +1,46 @@
+"""tools/detection_comparison.py: the commands it runs and how it reads and summarizes AP
+(no training here; the comparison itself is a long CPU job)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("detection_comparison",
+                                              REPO / "tools" / "detection_comparison.py")
+driver = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = driver
+spec.loader.exec_module(driver)
+
+
+def test_commands_override_norm_schedule_seed_and_centralization(tmp_path):
+    assert driver.base_schedule(driver.DEMO_CONFIG) == (400, (300,))
+    cmd = driver.train_command(driver.DEMO_CONFIG, "MABN w/o centralization", 2, 1,
+                               tmp_path / "run", (400, (300,)))
+    opts = dict(zip(cmd[4::2], cmd[5::2]))
+    assert cmd[1].endswith("tools/train_net.py") and cmd[3] == str(driver.DEMO_CONFIG)
+    assert opts["SOLVER.MAX_ITER"] == "800" and opts["SOLVER.STEPS"] == "(600,)"
+    assert opts["SEED"] == "1" and opts["OUTPUT_DIR"] == str(tmp_path / "run")
+    assert all(opts[key] == "MABN" for key in driver.NORM_KEYS)
+    assert opts["MODEL.MABN.CENTRALIZE_WEIGHTS"] == "False"
+    assert driver.run_dir(tmp_path, "MABN w/o centralization", 2, 1).name == \
+        "mabn_wo_centralization_x2_seed1"
+
+
+def test_reads_ap_and_summarizes_over_seeds(tmp_path):
+    assert driver.read_ap(tmp_path) is None
+    (tmp_path / "eval_results.json").write_text(json.dumps(
+        {"mabn_demo_shapes_val": {"bbox": {"AP": 50.0}, "segm": {"AP": 40.0}}}))
+    assert driver.read_ap(tmp_path) == {"box_AP": 50.0, "mask_AP": 40.0}
+    runs = [{"setting": "GN", "schedule": 1, "seed": s, "box_AP": ap, "mask_AP": ap - 1}
+            for s, ap in enumerate((50.0, 54.0))]
+    runs.append({"setting": "BN", "schedule": 1, "seed": 0, "box_AP": None, "mask_AP": None})
+    (row,) = driver.summarize(runs)
+    assert row["setting"] == "GN" and row["seeds"] == 2
+    assert row["box_AP"] == 52.0 and row["mask_AP"] == 51.0
+    assert row["box_AP_std"] == pytest.approx(2 ** 1.5)
+    assert "| GN | 400 | 52.0 ± 2.8 | 51.0 ± 2.8 | 2 |" in driver.format_table([row], 400)

@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Detection comparison on the demo data: BN, GN, MABN and MABN without weight centralization,
+at the demo's schedule and at multiples of it, over several seeds; box and mask AP.
+
+Each run is ``tools/train_net.py`` on the demo config (Mask R-CNN R-18-FPN, norm in backbone,
+FPN and ROI heads) with the norm, schedule and seed overridden on the command line; its
+``eval_results.json`` gives the AP. Finished runs are skipped, so an interrupted comparison
+resumes. Writes ``<out>/detection_comparison.json`` and ``.png`` and prints a table::
+
+    python tools/detection_comparison.py                      # 4 norms x 2 schedules x 3 seeds
+    python tools/detection_comparison.py --norms GN MABN --schedules 1 --seeds 1
+    python tools/detection_comparison.py --dry-run            # print the commands only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo" / "mask_rcnn_R_18_FPN_demo_mabn.yaml"
+NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM",
+             "MODEL.ROI_MASK_HEAD.NORM")
+# name -> (norm, extra opts)
+SETTINGS: dict[str, tuple[str, list[str]]] = {
+    "BN": ("BN", []),
+    "GN": ("GN", []),
+    "MABN": ("MABN", []),
+    "MABN w/o centralization": ("MABN", ["MODEL.MABN.CENTRALIZE_WEIGHTS", "False"]),
+}
+
+
+def base_schedule(config: Path) -> tuple[int, tuple[int, ...]]:
+    """``(SOLVER.MAX_ITER, SOLVER.STEPS)`` of ``config``."""
+    from mabn_d2.engine import get_mabn_cfg
+
+    cfg = get_mabn_cfg()
+    cfg.merge_from_file(str(config))
+    return cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)
+
+
+def run_dir(out: Path, setting: str, schedule: int, seed: int) -> Path:
+    slug = setting.lower().replace("/", "").replace(" ", "_")
+    return out / f"{slug}_x{schedule}_seed{seed}"
+
+
+def train_command(config: Path, setting: str, schedule: int, seed: int, out_dir: Path,
+                  base: tuple[int, tuple[int, ...]]) -> list[str]:
+    """The ``train_net.py`` command of one run: the schedule ``schedule`` times ``base``."""
+    norm, extra = SETTINGS[setting]
+    max_iter, steps = base
+    opts = [
+        "OUTPUT_DIR", str(out_dir),
+        "SEED", str(seed),
+        "SOLVER.MAX_ITER", str(max_iter * schedule),
+        "SOLVER.STEPS", str(tuple(s * schedule for s in steps)),
+        "SOLVER.CHECKPOINT_PERIOD", str(max_iter * schedule),
+    ]
+    for key in NORM_KEYS:
+        opts += [key, norm]
+    return [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file", str(config),
+            *opts, *extra]
+
+
+def read_ap(out_dir: Path) -> dict[str, float] | None:
+    """``{"box_AP", "mask_AP"}`` of a finished run, or None."""
+    path = out_dir / "eval_results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    dataset = next(iter(results.values()))
+    return {"box_AP": dataset["bbox"]["AP"], "mask_AP": dataset["segm"]["AP"]}
+
+
+def summarize(runs: Sequence[dict]) -> list[dict]:
+    rows = []
+    for setting in SETTINGS:
+        for schedule in sorted({r["schedule"] for r in runs}):
+            done = [r for r in runs if r["setting"] == setting and r["schedule"] == schedule
+                    and r["box_AP"] is not None]
+            if not done:
+                continue
+            row = {"setting": setting, "schedule": schedule, "seeds": len(done)}
+            for key in ("box_AP", "mask_AP"):
+                values = [r[key] for r in done]
+                row[key] = statistics.fmean(values)
+                row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                row[key + "_values"] = values
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[dict], max_iter: int) -> str:
+    lines = ["| norm | iterations | box AP | mask AP | seeds |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(
+            f"| {r['setting']} | {max_iter * r['schedule']} | {r['box_AP']:.1f} ± "
+            f"{r['box_AP_std']:.1f} | {r['mask_AP']:.1f} ± {r['mask_AP_std']:.1f} | "
+            f"{r['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict], max_iter: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+    schedules = sorted({r["schedule"] for r in rows})
+    width = 0.8 / max(len(schedules), 1)
+    for ax, key in zip(axes, ("box_AP", "mask_AP")):
+        for k, schedule in enumerate(schedules):
+            sel = [r for r in rows if r["schedule"] == schedule]
+            pos = [list(SETTINGS).index(r["setting"]) + k * width for r in sel]
+            ax.bar(pos, [r[key] for r in sel], width, yerr=[r[key + "_std"] for r in sel],
+                   capsize=3, label=f"{max_iter * schedule} iterations")
+        ax.set_xticks([i + width * (len(schedules) - 1) / 2 for i in range(len(SETTINGS))],
+                      list(SETTINGS), fontsize=8)
+        ax.set_title(key.replace("_", " "))
+    axes[0].set_ylabel("AP (mean ± std over seeds)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--norms", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--schedules", nargs="+", type=int, default=[1, 2],
+                        help="multiples of the demo's schedule (default: 1 2)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--config-file", type=Path, default=DEMO_CONFIG)
+    parser.add_argument("--out", type=Path, default=Path("output/detection_comparison"))
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or any(s < 1 for s in args.schedules):
+        parser.error("--seeds and --schedules must be >= 1")
+    base = base_schedule(args.config_file)
+    runs = []
+    for schedule in args.schedules:
+        for seed in range(args.seeds):
+            for setting in args.norms:
+                out_dir = run_dir(args.out, setting, schedule, seed)
+                cmd = train_command(args.config_file, setting, schedule, seed, out_dir, base)
+                if args.dry_run:
+                    print(" ".join(cmd))
+                    continue
+                if read_ap(out_dir) is None:
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    print(f"training {setting}, x{schedule}, seed {seed} -> {out_dir}",
+                          flush=True)
+                    with open(out_dir / "train_net.log", "w") as log:
+                        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
+                                       cwd=REPO)
+                ap = read_ap(out_dir) or {"box_AP": None, "mask_AP": None}
+                runs.append({"setting": setting, "schedule": schedule, "seed": seed, **ap})
+    if args.dry_run:
+        return []
+    rows = summarize(runs)
+    table = format_table(rows, base[0])
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "detection_comparison.json").write_text(json.dumps(
+        {"config": str(args.config_file), "base_max_iter": base[0], "summary": rows,
+         "runs": runs}, indent=1))
+    plot(rows, base[0], args.out / "detection_comparison.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
