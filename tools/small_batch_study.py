@@ -247,7 +247,7 @@ class StudyConfig:
     bn_momentum: float = 0.1
     # MABN and BRN schedules, in SGD iterations (the layers count groups: x groups per step).
     # One epoch is 44 iterations: batch statistics for about the first epoch, renorm from
-    # the third (the paper: 100 and 1000 of ImageNet's ~500k iterations).
+    # the third (mabn_d2's defaults for detection: 100 and 1000).
     mabn_warmup_iters: int = 50
     mabn_renorm_start_iter: int = 100
     mabn_buffer_size: int = 16
