@@ -47,6 +47,7 @@ __all__ = [
     "BatchStatsRecorder",
     "BatchStatsHook",
     "scalar_name",
+    "to_scalars",
     "add_batch_stats_config",
     "build_batch_stats_hook",
 ]
