@@ -15,8 +15,9 @@ events of PyTorch's profiler (``profile_memory=True``), on CUDA from
 Model level: one Mask R-CNN R50-FPN training iteration (forward, backward, SGD step; 2
 synthetic images with 3 boxes and masks each) with MABN / BN / GN in the same places (ResNet,
 FPN, 4conv-1fc box head, mask head), and inference per image with fused MABN
-(:func:`mabn_d2.fuse_mabn`) / FrozenBN / GN in those places (score threshold 0, so every model
-returns the same number of detections and runs its mask head on them).
+(:func:`mabn_d2.fuse_mabn`) / FrozenBN / GN in those places. So that every model does the same
+work whatever its random weights, the RPN suppresses no proposal (NMS threshold 1) and the
+score threshold is 0 (every model returns 100 detections and runs its mask head on them).
 
 Examples::
 
@@ -274,7 +275,10 @@ def model_cfg(norm: str, image_size: int, device: torch.device):
     cfg.MODEL.DEVICE = str(device)
     cfg.INPUT.MIN_SIZE_TEST = image_size
     cfg.INPUT.MAX_SIZE_TEST = image_size * 2
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # same number of detections for every model
+    # The same work for every model whatever its (random) weights: no proposal is suppressed
+    # (exactly POST_NMS_TOPK proposals per image) and every model returns 100 detections.
+    cfg.MODEL.RPN.NMS_THRESH = 1.0
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     return cfg
 
 
@@ -362,6 +366,35 @@ def bench_model_inference(repeats: int, image_size: int, device: torch.device) -
     return rows
 
 
+def markdown(results: dict) -> str:
+    """The results as Markdown tables (for docs/speed.md and the README)."""
+    lines = []
+    if "layer" in results:
+        lines += ["| shape | candidate | median ms | / BN | naive / this | peak MB | mem / BN |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in results["layer"]:
+            naive = next(q for q in results["layer"]
+                         if q["shape"] == r["shape"] and q["candidate"] == "naive_MABN")
+            mem = (f"{r['peak_bytes'] / 2**20:.1f} | {r['peak_ratio_to_bn']:.2f}"
+                   if "peak_bytes" in r else "- | -")
+            lines.append(f"| {tuple(r['shape'])} | {r['candidate']} | {r['median_s'] * 1e3:.1f} "
+                         f"| {r['ratio_to_bn']:.2f} | {naive['median_s'] / r['median_s']:.2f} "
+                         f"| {mem} |")
+        lines.append("")
+    if "model_training" in results:
+        lines += ["| training iteration (2 images) | median s | / BN |", "| --- | ---: | ---: |"]
+        lines += [f"| {r['candidate']} | {r['median_s']:.2f} | {r['ratio_to_bn']:.2f} |"
+                  for r in results["model_training"]]
+        lines.append("")
+    if "model_inference" in results:
+        lines += ["| inference per image | median s | / FrozenBN | / fused MABN |",
+                  "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['candidate']} | {r['median_s']:.2f} | {r['ratio_to_frozen_bn']:.2f} | "
+                  f"{r['ratio_to_fused_mabn']:.2f} |" for r in results["model_inference"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def environment(device: torch.device) -> dict:
     info = {
         "device": str(device),
@@ -393,7 +426,8 @@ def parse_shapes(text: list[str] | None, quick: bool) -> list[tuple[int, ...]]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if present)")
-    parser.add_argument("--only", choices=["layer", "model"], help="run one level only")
+    parser.add_argument("--only", choices=["layer", "model", "training", "inference"],
+                        help="run one part only (model = training + inference)")
     parser.add_argument("--quick", action="store_true",
                         help="small subset: two small layer shapes, 3 model repeats, small images")
     parser.add_argument("--shapes", nargs="*", help="layer shapes N,C,H,W (default: 4 shapes)")
@@ -421,14 +455,16 @@ def main(argv: list[str] | None = None) -> dict:
         results["layer"] = bench_layers(
             parse_shapes(args.shapes, args.quick), repeats, device, not args.no_memory
         )
-    if args.only in (None, "model"):
+    if args.only in (None, "model", "training"):
         results["model_training"] = bench_model_training(model_repeats, image_size, device)
+    if args.only in (None, "model", "inference"):
         results["model_inference"] = bench_model_inference(model_repeats, image_size, device)
     results["environment"]["loadavg_end"] = os.getloadavg()
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    out.with_suffix(".md").write_text(markdown(results))
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
     return results
 
 
