@@ -25,7 +25,6 @@ detectron2's ``DetectionCheckpointer`` is :mod:`mabn_d2.checkpoint`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -49,8 +48,6 @@ __all__ = [
     "convert_bn_state_dict",
     "has_usable_statistics",
 ]
-
-logger = logging.getLogger(__name__)
 
 # Where an MABN layer's parameters came from (the attribute ``_mabn_source`` of the layer,
 # set by conversion and checkpoint loading; read by calibration).
