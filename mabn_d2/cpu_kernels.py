@@ -11,6 +11,7 @@ Its ops are registered with the dispatcher as ``torch.ops.mabn_d2.*`` (no pybind
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -88,15 +89,19 @@ def _build() -> None:
     from torch.utils import cpp_extension  # heavy; only when building
 
     _ensure_ninja()
-    isa = _isa_flags()
-    # The name carries the instruction set so one cache directory serves different CPUs.
-    name = "mabn_d2_cpu_" + ("avx2" if isa else "generic")
+    cflags = ["-O3", "-fopenmp", *_isa_flags()]
+    # One cache entry per (source text, source path, flags, torch): checkouts of different
+    # versions, or the same version in two places (a CI clone), never rebuild over each other.
+    digest = hashlib.sha256(
+        "\0".join([_SOURCE.read_text(), str(_SOURCE), *cflags, torch.__version__]).encode()
+    ).hexdigest()[:12]
+    name = f"mabn_d2_cpu_{digest}"
     logger.info("mabn_d2: building/loading the C++ CPU kernels %s (cached after the first build)",
                 name)
     cpp_extension.load(
         name=name,
         sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-fopenmp", *isa],
+        extra_cflags=cflags,
         # libgomp.so.1 resolves to the copy torch already loaded: one OpenMP runtime.
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
