@@ -24,9 +24,13 @@ test: venv
 	$(PY) -m ruff check mabn_d2 tools tests
 	$(PY) -m pytest -q -ra tests
 
+# CPU threads of the demo. On a busy 2-core machine two OpenMP threads stall each other
+# (measured side by side under a load of ~7: 18 s/iteration with 2 threads, 3 s with 1);
+# on an idle machine DEMO_THREADS=2 may be faster.
+DEMO_THREADS ?= 1
 demo: venv
-	$(PY) tools/train_net.py --config-file configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml \
-		OUTPUT_DIR $(DEMO_OUT)
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) tools/train_net.py \
+		--config-file configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml OUTPUT_DIR $(DEMO_OUT)
 
 # Speed/memory of MABN vs BN/GN (docs/speed.md); e.g. make benchmark BENCH_ARGS=--quick
 BENCH_ARGS ?=
