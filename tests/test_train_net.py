@@ -168,3 +168,24 @@ def test_killed_run_resumes_with_its_mabn_state(coco_mini, tmp_path):
             expected = (1 - momentum) * expected + momentum * after["chi2_buffer"][t].double()
         torch.testing.assert_close(after["running_second_moment"].double(), expected,
                                    rtol=1e-5, atol=1e-7)
+
+
+def test_eval_only_without_weights_is_a_clear_error(coco_mini, tmp_path):
+    proc = subprocess.run(
+        train_net_cmd("--eval-only", "OUTPUT_DIR", tmp_path), env=train_net_env(coco_mini),
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "--eval-only needs weights" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
+    from mabn_d2.engine import get_mabn_cfg, mabn_setup
+
+    cfg = get_mabn_cfg()
+    cfg.merge_from_file(str(TINY))
+    cfg.MODEL.DEVICE = "cuda"
+    cfg.OUTPUT_DIR = str(tmp_path)
+    with pytest.raises(RuntimeError, match="MODEL.DEVICE cpu"):
+        mabn_setup(cfg)
