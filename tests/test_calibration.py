@@ -93,25 +93,32 @@ def test_calibration_measures_inputs_and_keeps_the_eval_function():
                                                                     (s_old + norm.eps)))
         assert torch.equal(norm.bias, bias) and torch.equal(norm.psi_buffer, psi)
         assert torch.equal(norm.chi2_buffer, s.expand(4, -1))
-        assert norm.iteration == 4 and int(norm.num_batches_tracked) == 4
+        # Past buffer filling (4), warm-up (100) and renorm start (1000): the last phase.
+        assert norm.iteration == 1000 and int(norm.num_batches_tracked) == 1000
     for got, ref in zip(eval_outputs(model, data), before):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_calibrated_layers_start_training_on_the_moving_average():
+def test_calibrated_layers_start_training_from_the_eval_function():
     model, data = TinyNet(), make_data()
-    for norm in model.norms():
-        norm.warmup_iters = 0
     model.train()
-    calibrate_mabn(model, data)
+    calibrate_mabn(model, data[1:])  # the first training batch was not calibrated on
     x = data[0]
     eval_out = eval_outputs(copy.deepcopy(model), [x])[0]
     model.train()
     with torch.no_grad():
         train_out = model(x)
-    # Step m + 1 averages m - 1 calibration slots and this batch's statistic.
-    assert all(n.iteration == 5 for n in model.norms())
-    assert (train_out - eval_out).norm() / eval_out.norm() < 0.15
+    # Step 1001: moving averages with renorm, r maps them onto the calibrated statistics.
+    assert all(n.iteration == 1001 for n in model.norms())
+    torch.testing.assert_close(train_out, eval_out, rtol=1e-5, atol=1e-5)
+    # Without renorm (r clipped to 1) this batch's share of the moving average shows.
+    model = TinyNet()
+    for norm in model.norms():
+        norm.renorm_clip = 1.0
+    calibrate_mabn(model, data[1:])
+    with torch.no_grad():
+        moving_average_out = model(x)
+    assert (moving_average_out - eval_out).norm() / eval_out.norm() > 1e-3
 
 
 def test_precise_statistics_use_batch_normalized_inputs_and_change_nothing_else():

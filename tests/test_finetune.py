@@ -132,11 +132,11 @@ def test_caffe2_frozen_affine_checkpoint_is_calibrated_before_training(c2_pkl):
             got = m.backbone.bottom_up(x)
         return max(relative_l2(got[k], ref[k]) for k in ref)
 
-    def calibrated(data, warmup_iters):
+    def calibrated(data, renorm_clip=5.0):
         m = copy.deepcopy(model)
         for layer in m.modules():
             if isinstance(layer, MABN2d):
-                layer.warmup_iters = warmup_iters
+                layer.renorm_clip = renorm_clip
         hook = MABNCalibrationHook(m, data, num_batches=len(data), mode="auto")
         hook.before_train()
         return m, hook.report
@@ -147,30 +147,28 @@ def test_caffe2_frozen_affine_checkpoint_is_calibrated_before_training(c2_pkl):
     assert worst_error(model, False) < 1e-4  # exact fold: the eval functions agree
     uncalibrated = worst_error(copy.deepcopy(model), True)
 
-    # Calibrated on this batch: the first training-mode forward on it (batch statistics,
-    # as in the warm-up) reproduces the reference; the eval function is unchanged.
-    same, report = calibrated([batch], warmup_iters=100)
+    # Calibrated on 5 other batches (the paper's schedule: warm-up 100, renorm from 1000):
+    # the first training-mode forward on this batch reproduces the reference.
+    calibrated_model, report = calibrated(batches[:5])
     assert sorted(report.updated) == sorted(affine)  # new FPN/head layers: untouched
-    for name, m in same.named_modules():
+    for name, m in calibrated_model.named_modules():
         if not isinstance(m, MABN2d):
             continue
         if name in affine:  # the moving average holds the calibration statistics
-            assert m.iteration == m.buffer_size
+            assert m.iteration == m.renorm_start_iter == 1000  # the schedule's last phase
             torch.testing.assert_close(m.chi2_buffer.mean(0), m.running_second_moment)
         else:
             assert m.iteration == 0
             assert torch.equal(m.weight, torch.ones_like(m.weight))
             assert torch.equal(m.running_second_moment, torch.ones_like(m.weight))
-    assert worst_error(same, False) < 1e-4
-    same_batch = worst_error(same, True)
-    assert same_batch <= 0.05, same_batch
+    assert worst_error(calibrated_model, False) < 1e-4
+    held_out = worst_error(calibrated_model, True)
+    assert held_out <= 0.05, held_out
     assert uncalibrated > 0.5, uncalibrated
 
-    # Calibrated on 5 other batches, no warm-up: the first step normalizes with the moving
-    # average (this batch's statistics weigh 1/16): far closer than without calibration.
-    held_out, _ = calibrated(batches[:5], warmup_iters=0)
-    other_batches = worst_error(held_out, True)
-    assert other_batches < uncalibrated / 3, (other_batches, uncalibrated)
+    # Without the renorm phase the moving average (this batch weighs 1/16) is much further.
+    no_renorm, _ = calibrated(batches[:5], renorm_clip=1.0)
+    assert worst_error(no_renorm, True) > 2 * max(held_out, 0.01)
 
 
 def test_finetuning_from_a_bn_checkpoint_starts_lower_than_from_scratch(bn_run):
@@ -207,11 +205,11 @@ def test_mabn_trainer_calibrates_a_caffe2_checkpoint_then_trains(c2_pkl, tmp_pat
     assert calibration.report.num_batches == 2
     assert precise.report is not None and precise.report.num_batches == 2
     assert len(precise.report.updated) == N_NORMS
-    # Calibration counts buffer_size steps for the layers it filled; PreciseBN takes none.
+    # Calibration moves the layers it filled to their last phase; PreciseBN takes none.
     for name, m in trainer.model.named_modules():
         if isinstance(m, MABN2d):
             calibrated = name in calibration.report.updated
-            assert m.iteration == 2 + (m.buffer_size if calibrated else 0), name
+            assert m.iteration == 2 + (m.renorm_start_iter if calibrated else 0), name
 
 
 def test_centralization_per_part(caplog):

@@ -10,16 +10,19 @@ resumes. Writes ``<out>/detection_comparison.json`` and ``.png`` and prints a ta
     python tools/detection_comparison.py                      # 4 norms x 2 schedules x 3 seeds
     python tools/detection_comparison.py --norms GN MABN --schedules 1 --seeds 1
     python tools/detection_comparison.py --dry-run            # print the commands only
+    python tools/detection_comparison.py --jobs 2             # two runs at a time, 1 thread each
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,30 +143,40 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--config-file", type=Path, default=DEMO_CONFIG)
     parser.add_argument("--out", type=Path, default=Path("output/detection_comparison"))
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at the same time (default 1)")
     args = parser.parse_args(argv)
-    if args.seeds < 1 or any(s < 1 for s in args.schedules):
-        parser.error("--seeds and --schedules must be >= 1")
+    if args.seeds < 1 or args.jobs < 1 or any(s < 1 for s in args.schedules):
+        parser.error("--seeds, --jobs and --schedules must be >= 1")
     base = base_schedule(args.config_file)
-    runs = []
-    for schedule in args.schedules:
-        for seed in range(args.seeds):
-            for setting in args.norms:
-                out_dir = run_dir(args.out, setting, schedule, seed)
-                cmd = train_command(args.config_file, setting, schedule, seed, out_dir, base)
-                if args.dry_run:
-                    print(" ".join(cmd))
-                    continue
-                if read_ap(out_dir) is None:
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    print(f"training {setting}, x{schedule}, seed {seed} -> {out_dir}",
-                          flush=True)
-                    with open(out_dir / "train_net.log", "w") as log:
-                        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
-                                       cwd=REPO)
-                ap = read_ap(out_dir) or {"box_AP": None, "mask_AP": None}
-                runs.append({"setting": setting, "schedule": schedule, "seed": seed, **ap})
+    planned = [(setting, schedule, seed) for schedule in args.schedules
+               for seed in range(args.seeds) for setting in args.norms]
     if args.dry_run:
+        for setting, schedule, seed in planned:
+            out_dir = run_dir(args.out, setting, schedule, seed)
+            print(" ".join(train_command(args.config_file, setting, schedule, seed, out_dir, base)))
         return []
+    # Each run gets OMP_NUM_THREADS threads (1 unless set): runs in parallel on one CPU
+    # stall each other when they also use several threads each.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+    def train(setting: str, schedule: int, seed: int) -> dict:
+        out_dir = run_dir(args.out, setting, schedule, seed)
+        if read_ap(out_dir) is None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            print(f"training {setting}, x{schedule}, seed {seed} -> {out_dir}", flush=True)
+            cmd = train_command(args.config_file, setting, schedule, seed, out_dir, base)
+            with open(out_dir / "train_net.log", "w") as log:
+                done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                      env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"{setting}, x{schedule}, seed {seed} failed (exit "
+                                   f"{done.returncode}); see {out_dir / 'train_net.log'}")
+        ap = read_ap(out_dir) or {"box_AP": None, "mask_AP": None}
+        return {"setting": setting, "schedule": schedule, "seed": seed, **ap}
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        runs = list(pool.map(lambda plan: train(*plan), planned))
     rows = summarize(runs)
     table = format_table(rows, base[0])
     print(table)
