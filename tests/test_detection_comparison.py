@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -44,3 +46,40 @@ def test_reads_ap_and_summarizes_over_seeds(tmp_path):
     assert row["box_AP"] == 52.0 and row["mask_AP"] == 51.0
     assert row["box_AP_std"] == pytest.approx(2 ** 1.5)
     assert "| GN | 400 | 52.0 ± 2.8 | 51.0 ± 2.8 | 2 |" in driver.format_table([row], 400)
+
+
+def _write_ap(out_dir, box, mask):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval_results.json").write_text(json.dumps(
+        {"mabn_demo_shapes_val": {"bbox": {"AP": box}, "segm": {"AP": mask}}}))
+
+
+def test_parallel_runs_skip_finished_ones_and_write_table_json_png(tmp_path, monkeypatch):
+    _write_ap(driver.run_dir(tmp_path, "GN", 1, 0), 50.0, 45.0)  # finished earlier
+    trained = []
+
+    def fake_run(cmd, stdout, stderr, cwd, env):
+        opts = dict(zip(cmd[4::2], cmd[5::2]))
+        assert env["OMP_NUM_THREADS"] == "1"
+        trained.append(opts["MODEL.RESNETS.NORM"])
+        _write_ap(Path(opts["OUTPUT_DIR"]), 40.0 + int(opts["SEED"]), 30.0)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(driver.subprocess, "run", fake_run)
+    rows = driver.main(["--norms", "GN", "MABN", "--schedules", "1", "--seeds", "2",
+                        "--jobs", "2", "--out", str(tmp_path)])
+    assert sorted(trained) == ["GN", "MABN", "MABN"]  # GN seed 0 was not trained again
+    by_setting = {r["setting"]: r for r in rows}
+    assert by_setting["GN"]["box_AP_values"] == [50.0, 41.0]
+    assert by_setting["MABN"]["box_AP"] == 40.5
+    summary = json.loads((tmp_path / "detection_comparison.json").read_text())
+    assert len(summary["runs"]) == 4 and (tmp_path / "detection_comparison.png").stat().st_size
+
+
+def test_a_failed_run_is_an_error_naming_its_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(driver.subprocess, "run",
+                        lambda cmd, **kwargs: subprocess.CompletedProcess(cmd, 3))
+    with pytest.raises(RuntimeError, match=r"GN, x1, seed 0 failed \(exit 3\).*train_net.log"):
+        driver.main(["--norms", "GN", "--schedules", "1", "--seeds", "1",
+                     "--out", str(tmp_path)])
