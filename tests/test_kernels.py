@@ -123,6 +123,30 @@ def test_cpp_reductions_are_deterministic():
             assert all(torch.equal(u, v) for u, v in zip(again, sums))
 
 
+def test_streaming_stores_give_the_same_bits():
+    # >= 32 MiB of float32 with planes of >= 4096 elements: the size at which the C++ kernels
+    # write with streaming stores; an odd plane makes every plane start unaligned.
+    if not cpu_kernels.available():
+        pytest.skip("the C++ kernels did not build (test_cpp_kernels_build_here says why)")
+    x, dy, a, b = make_inputs((2, 64, 257, 263), torch.float32)
+    assert x.nbytes >= 32 << 20
+    outputs = {}
+    try:
+        for mode in ("never", "always"):
+            cpu_kernels.set_streaming(mode)
+            with kernels.use_backend("cpp"):
+                outputs[mode] = (kernels.channel_affine(x, a, b), kernels.grad_input(dy, x, a, b))
+    finally:
+        cpu_kernels.set_streaming("auto")
+    for plain, streamed in zip(outputs["never"], outputs["always"]):
+        assert torch.equal(plain, streamed)
+    want = expected(x, dy, a, b)
+    assert rel_err(outputs["always"][0], want["channel_affine"]) < 2e-6
+    assert rel_err(outputs["always"][1], want["grad_input"]) < 2e-6
+    with pytest.raises(ValueError, match="streaming mode"):
+        cpu_kernels.set_streaming("sometimes")
+
+
 def test_dispatch_and_forced_backends():
     x = torch.randn(2, 3, 4, 5)
     assert kernels.backend_for(x.transpose(2, 3)) == "plain"  # non-contiguous

@@ -19,9 +19,16 @@ FPN, 4conv-1fc box head, mask head), and inference per image with fused MABN
 work whatever its random weights, the RPN suppresses no proposal (NMS threshold 1) and the
 score threshold is 0 (every model returns 100 detections and runs its mask head on them).
 
+CPU memory: glibc serves blocks of 32 MiB and more with fresh ``mmap`` pages, which the OS
+zeroes on first touch; at detection shapes that costs every candidate as much as a pass over
+the data. ``--reuse-memory`` restarts the benchmark with glibc's ``MALLOC_MMAP_MAX_=0`` and a
+high ``MALLOC_TRIM_THRESHOLD_`` so freed blocks are reused, as caching allocators (jemalloc,
+tcmalloc: PyTorch's CPU performance advice) do; the JSON records which allocator ran.
+
 Examples::
 
     python tools/benchmark.py                      # everything, CPU (or CUDA if present)
+    python tools/benchmark.py --only layer --reuse-memory
     python tools/benchmark.py --quick              # small subset, a minute or two
     python tools/benchmark.py --only layer --shapes 2,256,50,68 --repeats 20
     python tools/benchmark.py --json output/benchmark/cpu.json
@@ -406,6 +413,8 @@ def environment(device: torch.device) -> dict:
         "cpp_build_error": cpu_kernels.load_error(),
         "MABN_D2_HUGEPAGES": os.environ.get("MABN_D2_HUGEPAGES", "0"),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
+        "cpu_memory": "reused (glibc MALLOC_MMAP_MAX_=0)" if os.environ.get(REUSE_ENV)
+        else "default (fresh pages for large blocks)",
         "loadavg_start": os.getloadavg(),
     }
     if device.type == "cuda":
@@ -423,6 +432,19 @@ def parse_shapes(text: list[str] | None, quick: bool) -> list[tuple[int, ...]]:
     return shapes
 
 
+# glibc reads these at start-up: --reuse-memory re-executes the benchmark with them.
+REUSE_ENV = "MABN_D2_BENCH_REUSE_MEMORY"
+REUSE_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), REUSE_ENV: "1"}
+
+
+def restart_reusing_memory() -> None:
+    """Re-execute this benchmark with freed memory kept for reuse (see the module docstring)."""
+    if os.environ.get(REUSE_ENV):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **REUSE_MALLOC})
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if present)")
@@ -438,7 +460,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", default="output/benchmark/benchmark.json",
                         help="where to write the numbers")
+    parser.add_argument("--reuse-memory", action="store_true",
+                        help="CPU: restart with glibc keeping freed memory (no fresh pages)")
     args = parser.parse_args(argv)
+    if args.reuse_memory and argv is None:
+        restart_reusing_memory()
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

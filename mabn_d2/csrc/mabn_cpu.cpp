@@ -25,6 +25,11 @@
 #include <torch/library.h>
 
 #include <sys/mman.h>
+#include <unistd.h>
+
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -206,6 +211,40 @@ void sum_and_dot(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x
   out[1] += b;
 }
 
+// Large float32 outputs can be written with non-temporal (streaming) stores, which skip reading
+// each output cache line before overwriting it (a third less memory traffic for y = a * x + b).
+// That only pays when the output's pages are already resident (memory reused by the allocator):
+// on fresh pages the OS has just zeroed the lines into the cache, and streaming past them was
+// measured 30 % slower. Mode: 0 never, 1 when the output is large and resident (default), 2
+// whenever the output is large (tests).
+// Streamed writes must cover whole cache lines to pay: planes (H * W) this large make the
+// partial lines at plane boundaries negligible (RoI-head planes of 7 x 7 do not stream).
+constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
+constexpr int64_t kStreamMinPlane = 4096;
+std::atomic<int> g_streaming{1};
+
+void set_streaming(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "mabn_d2: streaming mode must be 0, 1 or 2, got ", mode);
+  g_streaming.store(static_cast<int>(mode));
+}
+
+bool page_resident(uintptr_t address) {
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  unsigned char state = 0;
+  return mincore(reinterpret_cast<void*>(address & ~(page - 1)), 1, &state) == 0 && (state & 1);
+}
+
+bool stream_into(const Tensor& out) {
+  const int mode = g_streaming.load(std::memory_order_relaxed);
+  if (mode == 0 || out.scalar_type() != at::kFloat || out.nbytes() < kStreamMinBytes ||
+      out.size(2) * out.size(3) < kStreamMinPlane) {
+    return false;
+  }
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  // First and last page: a block the allocator reused, not one it just got from the OS.
+  return mode == 2 || (page_resident(begin) && page_resident(begin + out.nbytes() - 1));
+}
+
 // out = a * x + b over one segment.
 template <typename scalar_t, typename acc_t>
 void affine_segment(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t n, acc_t a,
@@ -224,6 +263,40 @@ void axpby_segment(const scalar_t* __restrict__ dy, const scalar_t* __restrict__
   }
 }
 
+#ifdef __AVX__
+// The float32 segments with streaming stores: scalar until `out` is 32-byte aligned, then 8
+// lanes per store. Same arithmetic as above, one rounding per operation (the extension is
+// built with -ffp-contract=off, so the compiler fuses no multiply-add there either): both
+// paths give identical bits.
+inline int64_t unaligned_head(const float* out, int64_t n) {
+  const int64_t misaligned = (reinterpret_cast<uintptr_t>(out) & 31) / sizeof(float);
+  return std::min<int64_t>(n, misaligned ? 8 - misaligned : 0);
+}
+
+void affine_segment_stream(const float* __restrict__ x, float* __restrict__ out, int64_t n,
+                           float a, float b) {
+  int64_t i = unaligned_head(out, n);
+  affine_segment<float, float>(x, out, i, a, b);
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  for (; i + 8 <= n; i += 8) {
+    _mm256_stream_ps(out + i, _mm256_add_ps(_mm256_mul_ps(va, _mm256_loadu_ps(x + i)), vb));
+  }
+  affine_segment<float, float>(x + i, out + i, n - i, a, b);
+}
+
+void axpby_segment_stream(const float* __restrict__ dy, const float* __restrict__ x,
+                          float* __restrict__ out, int64_t n, float a, float b) {
+  int64_t i = unaligned_head(out, n);
+  axpby_segment<float, float>(dy, x, out, i, a, b);
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 t = _mm256_mul_ps(va, _mm256_loadu_ps(dy + i));
+    _mm256_stream_ps(out + i, _mm256_add_ps(t, _mm256_mul_ps(vb, _mm256_loadu_ps(x + i))));
+  }
+  axpby_segment<float, float>(dy + i, x + i, out + i, n - i, a, b);
+}
+#endif
+
 // Elementwise pass over all units, in parallel; `body(c, begin, end)`.
 template <typename Body>
 void for_each_unit(const Layout& lay, const Body& body) {
@@ -238,6 +311,39 @@ void for_each_unit(const Layout& lay, const Body& body) {
     }
   });
 }
+
+// Streaming passes for float32 outputs (see stream_into); false (nothing done) for other dtypes
+// or CPUs without AVX.
+template <typename scalar_t, typename acc_t>
+bool affine_streaming(const Layout&, const scalar_t*, scalar_t*, const std::vector<acc_t>&,
+                      const std::vector<acc_t>&) {
+  return false;
+}
+template <typename scalar_t, typename acc_t>
+bool axpby_streaming(const Layout&, const scalar_t*, const scalar_t*, scalar_t*,
+                     const std::vector<acc_t>&, const std::vector<acc_t>&) {
+  return false;
+}
+
+#ifdef __AVX__
+bool affine_streaming(const Layout& lay, const float* px, float* py, const std::vector<float>& a,
+                      const std::vector<float>& b) {
+  for_each_unit(lay, [&](int64_t c, int64_t begin, int64_t end) {
+    affine_segment_stream(px + begin, py + begin, end - begin, a[c], b[c]);
+  });
+  _mm_sfence();  // streaming stores are weakly ordered: publish them before returning
+  return true;
+}
+
+bool axpby_streaming(const Layout& lay, const float* pdy, const float* px, float* pdx,
+                     const std::vector<float>& a, const std::vector<float>& b) {
+  for_each_unit(lay, [&](int64_t c, int64_t begin, int64_t end) {
+    axpby_segment_stream(pdy + begin, px + begin, pdx + begin, end - begin, a[c], b[c]);
+  });
+  _mm_sfence();
+  return true;
+}
+#endif
 
 Tensor second_moment(const Tensor& x, at::ScalarType out_dtype) {
   check_input(x, "x");
@@ -271,6 +377,7 @@ Tensor channel_affine(const Tensor& x, const Tensor& scale, const Tensor& shift)
     const auto a = coefficient<acc_t>(scale), b = coefficient<acc_t>(shift);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* py = y.data_ptr<scalar_t>();
+    if (stream_into(y) && affine_streaming(lay, px, py, a, b)) return;
     for_each_unit(lay, [&](int64_t c, int64_t begin, int64_t end) {
       affine_segment<scalar_t, acc_t>(px + begin, py + begin, end - begin, a[c], b[c]);
     });
@@ -314,6 +421,7 @@ Tensor grad_input(const Tensor& dy, const Tensor& x, const Tensor& a_t, const Te
     const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* pdx = dx.data_ptr<scalar_t>();
+    if (stream_into(dx) && axpby_streaming(lay, pdy, px, pdx, a, b)) return;
     for_each_unit(lay, [&](int64_t c, int64_t begin, int64_t end) {
       axpby_segment<scalar_t, acc_t>(pdy + begin, px + begin, pdx + begin, end - begin, a[c],
                                      b[c]);
@@ -330,6 +438,7 @@ TORCH_LIBRARY(mabn_d2, m) {
   m.def("grad_reductions(Tensor dy, Tensor x, ScalarType out_dtype) -> (Tensor, Tensor)");
   m.def("grad_input(Tensor dy, Tensor x, Tensor a, Tensor b) -> Tensor");
   m.def("set_hugepages(bool enabled) -> ()", &set_hugepages);
+  m.def("set_streaming(int mode) -> ()", &set_streaming);
 }
 
 TORCH_LIBRARY_IMPL(mabn_d2, CPU, m) {
