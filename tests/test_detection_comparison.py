@@ -83,3 +83,11 @@ def test_a_failed_run_is_an_error_naming_its_log(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"GN, x1, seed 0 failed \(exit 3\).*train_net.log"):
         driver.main(["--norms", "GN", "--schedules", "1", "--seeds", "1",
                      "--out", str(tmp_path)])
+
+
+def test_no_train_summarizes_finished_runs_only(tmp_path, monkeypatch):
+    _write_ap(driver.run_dir(tmp_path, "BN", 2, 1), 30.0, 25.0)
+    monkeypatch.setattr(driver.subprocess, "run", lambda *a, **k: pytest.fail("trained"))
+    rows = driver.main(["--no-train", "--out", str(tmp_path)])
+    assert [(r["setting"], r["schedule"], r["seeds"]) for r in rows] == [("BN", 2, 1)]
+    assert "| BN | 800 | 30.0 ± 0.0 | 25.0 ± 0.0 | 1 |" in driver.format_table(rows, 400)

@@ -11,6 +11,7 @@ resumes. Writes ``<out>/detection_comparison.json`` and ``.png`` and prints a ta
     python tools/detection_comparison.py --norms GN MABN --schedules 1 --seeds 1
     python tools/detection_comparison.py --dry-run            # print the commands only
     python tools/detection_comparison.py --jobs 2             # two runs at a time, 1 thread each
+    python tools/detection_comparison.py --no-train           # table of the runs finished so far
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at the same time (default 1)")
+    parser.add_argument("--no-train", action="store_true",
+                        help="summarize the finished runs only (train nothing)")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1 or any(s < 1 for s in args.schedules):
         parser.error("--seeds, --jobs and --schedules must be >= 1")
@@ -162,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     def train(setting: str, schedule: int, seed: int) -> dict:
         out_dir = run_dir(args.out, setting, schedule, seed)
-        if read_ap(out_dir) is None:
+        if read_ap(out_dir) is None and not args.no_train:
             out_dir.mkdir(parents=True, exist_ok=True)
             print(f"training {setting}, x{schedule}, seed {seed} -> {out_dir}", flush=True)
             cmd = train_command(args.config_file, setting, schedule, seed, out_dir, base)
