@@ -125,10 +125,12 @@ def plot(rows: Sequence[dict], max_iter: int, path: Path) -> None:
             pos = [list(SETTINGS).index(r["setting"]) + k * width for r in sel]
             ax.bar(pos, [r[key] for r in sel], width, yerr=[r[key + "_std"] for r in sel],
                    capsize=3, label=f"{max_iter * schedule} iterations")
+            for x, r in zip(pos, sel):  # every seed, so the spread behind the bar shows
+                ax.plot([x] * len(r[key + "_values"]), r[key + "_values"], "k.", ms=4)
         ax.set_xticks([i + width * (len(schedules) - 1) / 2 for i in range(len(SETTINGS))],
                       list(SETTINGS), fontsize=8)
         ax.set_title(key.replace("_", " "))
-    axes[0].set_ylabel("AP (mean ± std over seeds)")
+    axes[0].set_ylabel("AP (bars: mean ± std; dots: seeds)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
