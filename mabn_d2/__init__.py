@@ -4,7 +4,7 @@
 :mod:`mabn_d2.detectron2_patch`), so every detectron2 part with a ``NORM`` key accepts it.
 """
 
-from .calibration import calibrate_mabn, precise_mabn_stats
+from .calibration import calibrate_mabn, calibrate_mabn_backward, precise_mabn_stats
 from .centralization import CentralizedConv2d, centralize_convs_feeding_mabn, centralize_weight
 from .checkpoint import MABNCheckpointError
 from .config import add_mabn_config, settings_from_cfg
@@ -26,6 +26,7 @@ __all__ = [
     "UnknownNormError",
     "add_mabn_config",
     "calibrate_mabn",
+    "calibrate_mabn_backward",
     "centralize_convs_feeding_mabn",
     "centralize_weight",
     "convert_bn_to_mabn",

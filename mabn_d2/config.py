@@ -22,6 +22,8 @@ class CalibrationSettings:
     # "auto": when the loaded checkpoint left layers without statistics; "always"; "never".
     mode: str = "auto"
     num_batches: int = 20
+    # Also fill the backward moving average (psi_buffer) from the training loss's gradients.
+    backward: bool = True
 
 
 CALIBRATION_MODES = ("auto", "always", "never")
@@ -49,6 +51,8 @@ def add_mabn_config(cfg: CN) -> CN:
       converted from a checkpoint: ``"auto"`` when the checkpoint had layers without
       statistics (frozen affine, norm-less convs), ``"always"``, or ``"never"``.
     * ``CALIBRATION.NUM_BATCHES`` (20): training batches used by the calibration.
+    * ``CALIBRATION.BACKWARD`` (True): then also fill the backward moving average
+      (``psi_buffer``) from as many forward + backward passes of the training loss.
 
     Also adds the top-level ``BATCH_STATS`` node of the batch-statistics recorder
     (``PERIOD`` 0 = off; :func:`mabn_d2.batch_stats.add_batch_stats_config`).
@@ -73,7 +77,8 @@ def add_mabn_config(cfg: CN) -> CN:
     if "CALIBRATION" not in node:
         node.CALIBRATION = CN()
     for key, value in (("MODE", _CALIBRATION_DEFAULTS.mode),
-                       ("NUM_BATCHES", _CALIBRATION_DEFAULTS.num_batches)):
+                       ("NUM_BATCHES", _CALIBRATION_DEFAULTS.num_batches),
+                       ("BACKWARD", _CALIBRATION_DEFAULTS.backward)):
         if key not in node.CALIBRATION:
             setattr(node.CALIBRATION, key, value)
     # Top-level BATCH_STATS (PERIOD 0 = off): see mabn_d2.batch_stats.add_batch_stats_config.
@@ -147,4 +152,8 @@ def calibration_from_cfg(cfg: CN) -> CalibrationSettings:
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"MODEL.MABN.CALIBRATION.NUM_BATCHES must be an integer >= 1, got "
                          f"{num_batches!r}")
-    return CalibrationSettings(mode=mode, num_batches=num_batches)
+    backward = node.get("BACKWARD", _CALIBRATION_DEFAULTS.backward)
+    if not isinstance(backward, bool):
+        raise ValueError(f"MODEL.MABN.CALIBRATION.BACKWARD must be True or False, got "
+                         f"{backward!r}")
+    return CalibrationSettings(mode=mode, num_batches=num_batches, backward=backward)

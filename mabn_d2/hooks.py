@@ -20,7 +20,13 @@ from detectron2.config import CfgNode
 from detectron2.engine import HookBase
 from torch import nn
 
-from .calibration import calibrate_mabn, layers_to_calibrate, mabn_layers, precise_mabn_stats
+from .calibration import (
+    calibrate_mabn,
+    calibrate_mabn_backward,
+    layers_to_calibrate,
+    mabn_layers,
+    precise_mabn_stats,
+)
 from .config import calibration_from_cfg
 
 __all__ = ["MABNCalibrationHook", "MABNPreciseBN", "build_mabn_hooks"]
@@ -35,7 +41,7 @@ class MABNCalibrationHook(HookBase):
     (layers from an MABN checkpoint) is not calibrated again."""
 
     def __init__(self, model: nn.Module, data_loader: Iterable[Any] | Callable[[], Iterable[Any]],
-                 num_batches: int, mode: str = "auto") -> None:
+                 num_batches: int, mode: str = "auto", backward: bool = True) -> None:
         """
         Args:
             model: the trained model (DDP-wrapped or not).
@@ -43,6 +49,8 @@ class MABNCalibrationHook(HookBase):
                 calibration runs, so no loader is built for nothing).
             num_batches: batches used.
             mode: ``"auto"``, ``"always"`` or ``"never"`` (``MODEL.MABN.CALIBRATION.MODE``).
+            backward: also fill ``psi_buffer`` (:func:`mabn_d2.calibrate_mabn_backward`,
+                ``MODEL.MABN.CALIBRATION.BACKWARD``).
         """
         if mode not in ("auto", "always", "never"):
             raise ValueError(f"MABNCalibrationHook: mode must be 'auto', 'always' or 'never', "
@@ -51,7 +59,9 @@ class MABNCalibrationHook(HookBase):
         self._data = data_loader
         self._num_batches = num_batches
         self._mode = mode
+        self._backward = backward
         self.report = None
+        self.backward_report = None
 
     @classmethod
     def from_config(cls, cfg: CfgNode, model: nn.Module,
@@ -59,7 +69,8 @@ class MABNCalibrationHook(HookBase):
         """The hook for ``MODEL.MABN.CALIBRATION`` (validated); ``build_loader(cfg)`` builds
         the training loader when the calibration runs."""
         settings = calibration_from_cfg(cfg)
-        return cls(model, lambda: build_loader(cfg), settings.num_batches, settings.mode)
+        return cls(model, lambda: build_loader(cfg), settings.num_batches, settings.mode,
+                   settings.backward)
 
     def before_train(self) -> None:
         layers = layers_to_calibrate(self._model, self._mode)
@@ -68,6 +79,9 @@ class MABNCalibrationHook(HookBase):
             return
         data = self._data() if callable(self._data) else self._data
         self.report = calibrate_mabn(self._model, data, self._num_batches, layers=layers)
+        if self._backward:
+            self.backward_report = calibrate_mabn_backward(self._model, data, self._num_batches,
+                                                           layers=layers)
 
 
 class MABNPreciseBN(HookBase):

@@ -46,7 +46,11 @@ def small_rcnn_cfg(norm: str = "MABN", backbone_norm: str | None = None, **mabn)
     if backbone_norm is not None:
         cfg.MODEL.RESNETS.NORM = backbone_norm
     for key, value in mabn.items():
-        setattr(cfg.MODEL.MABN, key, value)
+        if isinstance(value, dict):  # a sub-node, e.g. CALIBRATION={"BACKWARD": False}
+            for sub_key, sub_value in value.items():
+                setattr(cfg.MODEL.MABN[key], sub_key, sub_value)
+        else:
+            setattr(cfg.MODEL.MABN, key, value)
     return cfg
 
 

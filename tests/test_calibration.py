@@ -18,7 +18,12 @@ from detectron2.layers import Conv2d
 from torch import nn
 
 from mabn_d2 import MABN2d, add_mabn_config
-from mabn_d2.calibration import calibrate_mabn, layers_to_calibrate, precise_mabn_stats
+from mabn_d2.calibration import (
+    calibrate_mabn,
+    calibrate_mabn_backward,
+    layers_to_calibrate,
+    precise_mabn_stats,
+)
 from mabn_d2.config import calibration_from_cfg
 from mabn_d2.convert import SOURCE_AFFINE, SOURCE_BN, SOURCE_MABN, SOURCE_NEW
 from mabn_d2.distributed import launch
@@ -121,6 +126,51 @@ def test_calibrated_layers_start_training_from_the_eval_function():
     assert (moving_average_out - eval_out).norm() / eval_out.norm() > 1e-3
 
 
+def square_loss(y: torch.Tensor) -> torch.Tensor:
+    return y.square().mean()
+
+
+def test_backward_calibration_fills_psi_and_restores_everything_else():
+    model, data = TinyNet(), make_data()
+    model.train()
+    calibrate_mabn(model, data)
+    assert all(not n.psi_buffer.any() for n in model.norms())
+    # By hand, from a copy's training step per batch: Psi_B = mean(g * z) = weight * dweight /
+    # (N * H * W), since dweight = sum(dy * r * z) and g = dy * weight * r.
+    expected = [torch.zeros(n.num_features, dtype=torch.float64) for n in model.norms()]
+    for x in data:
+        step = copy.deepcopy(model)
+        square_loss(step(x)).backward()
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        for e, n in zip(expected, step.norms()):
+            e += (n.weight * n.weight.grad).double().detach() / count
+    state = copy.deepcopy(model.state_dict())
+    sentinel = torch.full_like(model.conv1.weight, 7.0)
+    model.conv1.weight.grad = sentinel
+    report = calibrate_mabn_backward(model, data, num_batches=10, loss_fn=square_loss)
+    assert report.num_batches == 3 and sorted(report.updated) == ["conv1.norm", "conv2.norm"]
+    for e, n in zip(expected, model.norms()):
+        torch.testing.assert_close(n.psi_buffer, (e / 3).float().expand(4, -1))
+        assert n.iteration == 1000
+    for name, value in model.state_dict().items():
+        if not name.endswith("psi_buffer"):
+            assert torch.equal(value, state[name]), name
+    assert model.conv1.weight.grad is sentinel
+    assert all(p.grad is None for name, p in model.named_parameters() if name != "conv1.weight")
+
+
+def test_backward_calibration_errors():
+    model = TinyNet().eval()
+    with pytest.raises(ValueError, match="training mode"):
+        calibrate_mabn_backward(model, make_data(), loss_fn=square_loss)
+    model.train()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match="pass loss_fn"):
+        calibrate_mabn_backward(model, make_data())  # TinyNet's output is not a loss
+    for name, value in model.state_dict().items():  # nothing lost on the way
+        assert torch.equal(value, state[name]), name
+
+
 def test_precise_statistics_use_batch_normalized_inputs_and_change_nothing_else():
     model, data = TinyNet(), make_data()
     model.train()
@@ -161,6 +211,7 @@ def test_layers_to_calibrate_per_mode():
     ("MODE", "sometimes", "MODEL.MABN.CALIBRATION.MODE must be one of"),
     ("NUM_BATCHES", 0, "MODEL.MABN.CALIBRATION.NUM_BATCHES must be an integer >= 1"),
     ("NUM_BATCHES", 2.5, "MODEL.MABN.CALIBRATION.NUM_BATCHES must be an integer >= 1"),
+    ("BACKWARD", "yes", "MODEL.MABN.CALIBRATION.BACKWARD must be True or False"),
 ])
 def test_calibration_config_errors_name_the_key(key, value, message):
     cfg = add_mabn_config(get_cfg())
@@ -175,9 +226,10 @@ def test_calibration_hook_builds_its_loader_only_when_it_runs():
 
     model = TinyNet()  # no converted layers: "auto" calibrates nothing
     MABNCalibrationHook(model, no_loader, num_batches=2, mode="auto").before_train()
-    hook = MABNCalibrationHook(model, lambda: make_data(), num_batches=2, mode="always")
+    hook = MABNCalibrationHook(model, lambda: make_data(), num_batches=2, mode="always",
+                               backward=False)  # TinyNet returns no loss
     hook.before_train()
-    assert hook.report.num_batches == 2
+    assert hook.report.num_batches == 2 and hook.backward_report is None
 
 
 class _LossModel(nn.Module):
@@ -187,6 +239,16 @@ class _LossModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"loss": self.net(x).square().mean()}
+
+
+def test_calibration_hook_fills_both_moving_averages_of_a_loss_model():
+    model = _LossModel()
+    hook = MABNCalibrationHook(model, lambda: make_data(), num_batches=2, mode="always")
+    hook.before_train()
+    assert hook.report.num_batches == 2 and hook.backward_report.num_batches == 2
+    for norm in model.net.norms():
+        assert norm.iteration == 1000 and norm.psi_buffer.any()
+        assert torch.equal(norm.psi_buffer, norm.psi_buffer[0].expand_as(norm.psi_buffer))
 
 
 def test_precise_bn_hook_in_a_detectron2_trainer():

@@ -202,6 +202,7 @@ def test_mabn_trainer_calibrates_a_caffe2_checkpoint_then_trains(c2_pkl, tmp_pat
     calibration = next(h for h in trainer._hooks if isinstance(h, MABNCalibrationHook))
     precise = next(h for h in trainer._hooks if isinstance(h, MABNPreciseBN))
     assert len(calibration.report.updated) == N_BACKBONE_NORMS
+    assert sorted(calibration.backward_report.updated) == sorted(calibration.report.updated)
     assert calibration.report.num_batches == 2
     assert precise.report is not None and precise.report.num_batches == 2
     assert len(precise.report.updated) == N_NORMS
@@ -210,6 +211,10 @@ def test_mabn_trainer_calibrates_a_caffe2_checkpoint_then_trains(c2_pkl, tmp_pat
         if isinstance(m, MABN2d):
             calibrated = name in calibration.report.updated
             assert m.iteration == 2 + (m.renorm_start_iter if calibrated else 0), name
+            # Backward moving average: calibrated layers start with every slot filled, new
+            # layers with the 2 slots of the 2 training steps.
+            slots_written = int(m.psi_buffer.any(dim=1).sum())
+            assert slots_written == (m.buffer_size if calibrated else 2), name
 
 
 def test_centralization_per_part(caplog):

@@ -44,7 +44,11 @@ from finetune_helpers import (  # noqa: E402
     write_c2_resnet_pkl,
 )
 
-from mabn_d2.calibration import calibrate_mabn, layers_to_calibrate  # noqa: E402
+from mabn_d2.calibration import (  # noqa: E402
+    calibrate_mabn,
+    calibrate_mabn_backward,
+    layers_to_calibrate,
+)
 
 
 def finetune(cfg, weights: str | None, batches: list, calibration: list, mode: str, seed: int
@@ -57,6 +61,8 @@ def finetune(cfg, weights: str | None, batches: list, calibration: list, mode: s
     layers = layers_to_calibrate(model, mode)
     if layers:
         calibrate_mabn(model, calibration, len(calibration), layers=layers)
+        if cfg.MODEL.MABN.CALIBRATION.BACKWARD:
+            calibrate_mabn_backward(model, calibration, len(calibration), layers=layers)
     torch.manual_seed(seed)
     return train_steps(model, batches, lr=0.01)
 
@@ -115,6 +121,8 @@ def main() -> None:
         ("imagenet, centralize new parts only", "R-18.pkl", new_only, "auto", "MABN"),
         ("imagenet, centralize new parts only, calibrated without renorm", "R-18.pkl",
          {**new_only, **no_renorm}, "auto", "MABN"),
+        ("imagenet, centralize new parts only, forward calibration only", "R-18.pkl",
+         {**new_only, "CALIBRATION": {"BACKWARD": False}}, "auto", "MABN"),
         ("imagenet, centralize all", "R-18.pkl", {}, "auto", "MABN"),
         ("imagenet, centralize none", "R-18.pkl", none, "auto", "MABN"),
         ("imagenet, centralize new parts only, not calibrated", "R-18.pkl", new_only, "never",
