@@ -89,8 +89,7 @@ def _build() -> None:
     from torch.utils import cpp_extension  # heavy; only when building
 
     _ensure_ninja()
-    # No multiply-add contraction: the vectorised and scalar paths of a pass round alike.
-    cflags = ["-O3", "-fopenmp", "-ffp-contract=off", *_isa_flags()]
+    cflags = ["-O3", "-fopenmp", *_isa_flags()]
     # One cache entry per (source text, source path, flags, torch): checkouts of different
     # versions, or the same version in two places (a CI clone), never rebuild over each other.
     digest = hashlib.sha256(
