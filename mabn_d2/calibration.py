@@ -286,23 +286,21 @@ def calibrate_mabn(
     return report
 
 
-@dataclass
-class _LayerState:
-    """What a training-mode step changes in an MABN layer."""
+class _ModelState:
+    """Every buffer of a model (MABN statistics and step counts, any BatchNorm's running
+    statistics) and the MABN layers' host-side step counts: what a training step without
+    update changes."""
 
-    tensors: dict[str, Tensor]
-    iteration: int
+    def __init__(self, model: nn.Module, layers: dict[str, MABN2d]) -> None:
+        self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self._iterations = [(layer, layer._iteration) for layer in layers.values()]
 
-    @classmethod
-    def of(cls, layer: MABN2d) -> _LayerState:
-        names = ("chi2_buffer", "psi_buffer", "running_second_moment", "num_batches_tracked")
-        return cls({n: getattr(layer, n).detach().clone() for n in names}, layer._iteration)
-
-    def restore(self, layer: MABN2d) -> None:
+    def restore(self) -> None:
         with torch.no_grad():
-            for name, value in self.tensors.items():
-                getattr(layer, name).copy_(value)
-        layer._iteration = self.iteration
+            for buffer, value in self._buffers:
+                buffer.copy_(value)
+        for layer, iteration in self._iterations:
+            layer._iteration = iteration
 
 
 def _training_loss(output: Any, loss_fn: Callable[[Any], Tensor] | None) -> Tensor:
@@ -328,8 +326,7 @@ def calibrate_mabn_backward(
     See the module docstring. The model must be in training mode; it is called as
     ``model(batch)`` and ``loss_fn(output)`` (default: the sum of detectron2's loss dict, or a
     scalar output) is back-propagated, ``num_batches`` times; no parameter changes, and every
-    MABN layer's state and every ``.grad`` is as before, except ``psi_buffer`` of the
-    selected layers.
+    buffer and every ``.grad`` is as before, except ``psi_buffer`` of the selected layers.
 
     Args:
         model, data, num_batches, layers: as :func:`calibrate_mabn`.
@@ -343,8 +340,8 @@ def calibrate_mabn_backward(
         return CalibrationReport(0)
     if not getattr(model, "module", model).training:
         raise ValueError("MABN backward calibration needs the model in training mode")
-    everything = mabn_layers(model)
-    states = {name: _LayerState.of(layer) for name, layer in everything.items()}
+    state = _ModelState(model, mabn_layers(model))
+    iterations = {name: layer._iteration for name, layer in selected.items()}
     grads = [(p, p.grad) for p in model.parameters()]
     sums = {name: torch.zeros(m.num_features, dtype=torch.float64) for name, m in selected.items()}
     counts = dict.fromkeys(selected, 0)
@@ -358,16 +355,14 @@ def calibrate_mabn_backward(
                 for name, layer in selected.items():
                     # Called exactly once in this step (not skipped for an empty input):
                     # its backward wrote Psi_B into the slot of the step.
-                    if layer._iteration == states[name].iteration + 1:
+                    if layer._iteration == iterations[name] + 1:
                         psi = layer.psi_buffer[layer._iteration % layer.buffer_size]
                         sums[name] += psi.detach().double().cpu()
                         counts[name] += 1
-                for name, layer in everything.items():
-                    states[name].restore(layer)
+                state.restore()
                 done += 1
     finally:
-        for name, layer in everything.items():
-            states[name].restore(layer)
+        state.restore()
         for p, grad in grads:
             p.grad = grad
     if done == 0:

@@ -159,6 +159,16 @@ def test_backward_calibration_fills_psi_and_restores_everything_else():
     assert all(p.grad is None for name, p in model.named_parameters() if name != "conv1.weight")
 
 
+def test_backward_calibration_leaves_other_norms_alone():
+    model = nn.Sequential(nn.BatchNorm2d(3), TinyNet()).train()
+    state = copy.deepcopy(model.state_dict())
+    calibrate_mabn_backward(model, make_data(), loss_fn=square_loss)
+    for name, value in model.state_dict().items():  # BN running statistics included
+        if not name.endswith("psi_buffer"):
+            assert torch.equal(value, state[name]), name
+    assert all(n.psi_buffer.any() for n in model[1].norms())
+
+
 def test_backward_calibration_errors():
     model = TinyNet().eval()
     with pytest.raises(ValueError, match="training mode"):
