@@ -217,6 +217,7 @@ void sum_and_dot(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x
 // on fresh pages the OS has just zeroed the lines into the cache, and streaming past them was
 // measured 30 % slower. Mode: 0 never, 1 when the output is large and resident (default), 2
 // whenever the output is large (tests).
+//
 // Streamed writes must cover whole cache lines to pay: planes (H * W) this large make the
 // partial lines at plane boundaries negligible (RoI-head planes of 7 x 7 do not stream).
 constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
@@ -264,11 +265,8 @@ void axpby_segment(const scalar_t* __restrict__ dy, const scalar_t* __restrict__
 }
 
 #ifdef __AVX__
-// The float32 segments with streaming stores: scalar until `out` is 32-byte aligned, then 8
-// lanes per store. Same arithmetic as the compiler makes of the loops above (with FMA it
-// contracts a * x + b into fma(a, x, b) and a * dy + b * x into fma(a, dy, b * x)): both
-// paths give identical bits (tested).
-// a * x + b, fused where the compiler fuses the scalar loops' (built with -mfma).
+// a * x + b, fused where the compiler fuses the scalar loops above (built with -mfma, it
+// contracts a * x + b into fma(a, x, b) and a * dy + b * x into fma(a, dy, b * x)).
 inline __m256 madd(__m256 a, __m256 x, __m256 b) {
 #ifdef __FMA__
   return _mm256_fmadd_ps(a, x, b);
@@ -282,6 +280,9 @@ inline int64_t unaligned_head(const float* out, int64_t n) {
   return std::min<int64_t>(n, misaligned ? 8 - misaligned : 0);
 }
 
+// The float32 segments with streaming stores: scalar until `out` is 32-byte aligned, then 8
+// lanes per store, the same arithmetic as the loops above (identical bits, tested). Streaming
+// stores are weakly ordered: each segment ends with a fence in the thread that wrote it.
 void affine_segment_stream(const float* __restrict__ x, float* __restrict__ out, int64_t n,
                            float a, float b) {
   int64_t i = unaligned_head(out, n);
@@ -291,6 +292,7 @@ void affine_segment_stream(const float* __restrict__ x, float* __restrict__ out,
     _mm256_stream_ps(out + i, madd(va, _mm256_loadu_ps(x + i), vb));
   }
   affine_segment<float, float>(x + i, out + i, n - i, a, b);
+  _mm_sfence();
 }
 
 void axpby_segment_stream(const float* __restrict__ dy, const float* __restrict__ x,
@@ -303,6 +305,7 @@ void axpby_segment_stream(const float* __restrict__ dy, const float* __restrict_
     _mm256_stream_ps(out + i, madd(va, _mm256_loadu_ps(dy + i), bx));
   }
   axpby_segment<float, float>(dy + i, x + i, out + i, n - i, a, b);
+  _mm_sfence();
 }
 #endif
 
@@ -340,7 +343,6 @@ bool affine_streaming(const Layout& lay, const float* px, float* py, const std::
   for_each_unit(lay, [&](int64_t c, int64_t begin, int64_t end) {
     affine_segment_stream(px + begin, py + begin, end - begin, a[c], b[c]);
   });
-  _mm_sfence();  // streaming stores are weakly ordered: publish them before returning
   return true;
 }
 
@@ -349,7 +351,6 @@ bool axpby_streaming(const Layout& lay, const float* pdy, const float* px, float
   for_each_unit(lay, [&](int64_t c, int64_t begin, int64_t end) {
     axpby_segment_stream(pdy + begin, px + begin, pdx + begin, end - begin, a[c], b[c]);
   });
-  _mm_sfence();
   return true;
 }
 #endif
