@@ -16,6 +16,10 @@ memory as few times as possible:
 * backward: one reduction (``sum dy``, ``sum dy * x``) and one elementwise pass
   ``dx = a * dy + b * x``; only ``x`` is saved for backward.
 
+On the CPU with the C++ kernels, a step without ``process_group`` runs as two fused ops
+(:class:`_FusedMABNTrainFunction`, see :func:`mabn_d2.kernels.fused_step_applies`): the same
+arithmetic per channel, with each channel's statistics and output made in one visit.
+
 Statistics and per-channel coefficients are kept in float32 (float64 for float64 inputs),
 whatever the activation dtype, so half inputs whose squares exceed the half range are safe.
 Nothing here reads a tensor value on the host: the step's schedule (which of batch / moving
@@ -143,6 +147,53 @@ class _MABNTrainFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None, None
 
 
+class _FusedMABNTrainFunction(torch.autograd.Function):
+    """The step of :func:`mabn_train` as two C++ ops (CPU, per-process statistics).
+
+    ``torch.ops.mabn_d2.train_forward`` computes ``chi2_B``, updates ``chi2_buffer[slot]`` and
+    the running second moment, and returns ``y``, ``inv_std``, ``r`` and ``finite``;
+    ``train_backward`` computes ``psi_B``, updates ``psi_buffer[slot]`` and returns ``dx``,
+    ``dweight`` and ``dbias``: the formulas of :class:`_MABNTrainFunction`, channel by channel.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        running_second_moment: Tensor,
+        chi2_buffer: Tensor,
+        psi_buffer: Tensor,
+        step: MABNStep,
+    ) -> tuple[Tensor, Tensor]:
+        y, inv_std, r, finite = torch.ops.mabn_d2.train_forward(
+            x, weight.detach(), bias.detach(), running_second_moment, chi2_buffer, step.slot,
+            step.use_batch_stats, step.renorm, step.renorm_clip, step.momentum, step.eps,
+        )
+        ctx.save_for_backward(x, weight, inv_std, r)
+        ctx.psi_buffer = psi_buffer
+        ctx.step = step
+        ctx.finite = bool(finite)  # a CPU tensor: no sync
+        ctx.mark_non_differentiable(finite)
+        return y, finite
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _: Tensor | None):  # type: ignore[override]
+        x, weight, inv_std, r = ctx.saved_tensors
+        step: MABNStep = ctx.step
+        dx, dweight, dbias = torch.ops.mabn_d2.train_backward(
+            dy.contiguous(), x, weight.detach(), inv_std, r, ctx.psi_buffer, step.slot,
+            step.use_batch_stats, ctx.finite, ctx.needs_input_grad[0],
+        )
+        return (
+            dx if ctx.needs_input_grad[0] else None,
+            dweight if ctx.needs_input_grad[1] else None,
+            dbias if ctx.needs_input_grad[2] else None,
+            None, None, None, None,
+        )
+
+
 def mabn_train(
     x: Tensor,
     weight: Tensor,
@@ -175,6 +226,13 @@ def mabn_train(
         ``(y, finite)``: the output, same shape and dtype as ``x``, and a 0-dim bool tensor
         telling whether this step's forward statistics were finite (no sync needed to get it).
     """
+    if process_group is None and kernels.fused_step_applies(
+        x, weight, bias, running_second_moment, chi2_buffer, psi_buffer
+    ):
+        y, finite = _FusedMABNTrainFunction.apply(
+            x, weight, bias, running_second_moment, chi2_buffer, psi_buffer, step
+        )
+        return y, finite
     sdtype = running_second_moment.dtype
     sync = None
     with torch.no_grad():

@@ -7,6 +7,12 @@ Each kernel is one pass over activation memory in layout ``(N, C, H, W)``:
 * :func:`grad_reductions` -- ``sum(dy)`` and ``sum(dy * x)`` over N, H, W (one read of each);
 * :func:`grad_input` -- ``a[c] * dy + b[c] * x`` (two reads, one write).
 
+On the CPU the C++ backend also has a fused training step (:func:`fused_step_applies`): each
+thread takes whole channels and makes a channel's output while its input is still in cache,
+so forward reads ``x`` once and writes ``y`` once, and backward reads ``dy`` and ``x`` once and
+writes ``dx`` once; the schedule's per-channel arithmetic runs in the same op. It is used for
+per-process statistics (not with ``sync``); :func:`use_fused_step` turns it off, e.g. to compare.
+
 Backends, chosen per call from the tensors (``"auto"``, the default):
 
 * ``"cpp"`` -- C++ kernels (:mod:`mabn_d2.cpu_kernels`) for contiguous CPU tensors;
@@ -44,6 +50,8 @@ __all__ = [
     "get_backend",
     "set_backend",
     "use_backend",
+    "fused_step_applies",
+    "use_fused_step",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +59,7 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "cpp", "triton", "plain")
 _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _backend = "auto"
+_fused_step = True
 _triton_module: ModuleType | None | bool = None  # None: not tried; False: unavailable
 
 
@@ -75,6 +84,32 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         set_backend(previous)
+
+
+@contextlib.contextmanager
+def use_fused_step(enabled: bool) -> Iterator[None]:
+    """Temporarily allow (default) or forbid the C++ fused training step."""
+    global _fused_step
+    previous = _fused_step
+    _fused_step = bool(enabled)
+    try:
+        yield
+    finally:
+        _fused_step = previous
+
+
+def fused_step_applies(x: Tensor, *state: Tensor) -> bool:
+    """Whether the C++ fused training step handles ``x`` with these per-channel ``state``
+    tensors (weight, bias, running statistic, buffers): C++ kernels chosen for ``x``, and every
+    state tensor a contiguous CPU tensor of ``x``'s statistics dtype (float64 for float64
+    inputs, float32 otherwise -- as under autocast)."""
+    if not _fused_step or _backend not in ("auto", "cpp"):
+        return False
+    sdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if not all(t.device.type == "cpu" and t.dtype == sdtype and t.is_contiguous()
+               for t in state):
+        return False
+    return _select(x)[0] == "cpp"
 
 
 def _triton() -> ModuleType | None:

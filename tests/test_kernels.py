@@ -159,28 +159,107 @@ def test_dispatch_and_forced_backends():
     assert kernels.get_backend() == "auto"
 
 
-def train_steps(backend, dtype, steps=40):
+def train_steps(backend, dtype, steps=40, fused=True, shape=(3, 4, 6, 5), bad_steps=()):
+    """Outputs, gradients and final state of ``steps`` training steps of one layer; at the steps
+    in ``bad_steps`` one channel of the input (odd steps) or of dy (even steps) is inf."""
     torch.manual_seed(0)
-    layer = MABN2d(4, buffer_size=4, warmup_iters=10, renorm_start_iter=20).to(dtype)
+    layer = MABN2d(shape[1], buffer_size=4, warmup_iters=10, renorm_start_iter=20)
+    if dtype == torch.float64:
+        layer = layer.double()  # float32 state for float32 / half inputs, as under autocast
     outputs = []
-    with kernels.use_backend(backend):
-        for _ in range(steps):
-            x = (torch.randn(3, 4, 6, 5) * 2).to(dtype).requires_grad_()
+    with kernels.use_backend(backend), kernels.use_fused_step(fused):
+        for step in range(steps):
+            x = (torch.randn(shape) * 2 + 0.3).to(dtype).requires_grad_()
+            dy = torch.randn(shape).to(dtype)
+            if step in bad_steps:
+                with torch.no_grad():
+                    (x if step % 2 else dy)[:, 1] = float("inf")
             y = layer(x)
-            y.backward(torch.randn_like(y))
+            y.backward(dy)
             outputs += [y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()]
             layer.weight.grad = layer.bias.grad = None
     return outputs, layer.state_dict()
 
 
+def assert_same_training(got, want, tol):
+    (out_a, state_a), (out_b, state_b) = got, want
+    for i, (u, v) in enumerate(zip(out_a, out_b)):
+        assert u.dtype == v.dtype and u.shape == v.shape, i
+        assert torch.equal(torch.isfinite(u), torch.isfinite(v)), i  # same inf / nan places
+        ok = torch.isfinite(v)
+        assert rel_err(u[ok], v[ok]) < tol, (i, rel_err(u[ok], v[ok]))
+    for key in state_a:
+        torch.testing.assert_close(state_a[key], state_b[key], rtol=tol, atol=tol * 1e-2)
+
+
 def test_mabn2d_cpp_and_plain_backends_agree():
     # All phases (batch statistics, moving averages, renorm) on both backends.
-    fast, fast_state = train_steps("cpp", torch.float64)
-    plain, plain_state = train_steps("plain", torch.float64)
-    for u, v in zip(fast, plain):
-        assert rel_err(u, v) < 1e-10
-    for key in fast_state:
-        torch.testing.assert_close(fast_state[key], plain_state[key], rtol=1e-10, atol=1e-12)
+    fast = train_steps("cpp", torch.float64)
+    plain = train_steps("plain", torch.float64)
+    assert_same_training(fast, plain, 1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5),
+                                       (torch.bfloat16, 1e-2)], ids=str)
+@pytest.mark.parametrize("shape", [(3, 4, 6, 5), (2, 3, 300, 230), (64, 6, 7, 7)], ids=str)
+def test_fused_step_matches_the_separate_kernels_and_plain(dtype, tol, shape):
+    # The fused C++ step against the four C++ kernels and the plain ops, through every phase
+    # of the schedule, with non-finite inputs (forward) and gradients (backward) in the
+    # batch-statistics phase (steps 2, 5) and the moving-average phases (13, 14, 25, 26).
+    if not cpu_kernels.available():
+        pytest.skip("the C++ kernels did not build (test_cpp_kernels_build_here says why)")
+    x = torch.zeros(shape, dtype=dtype)
+    layer = MABN2d(shape[1]).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    assert kernels.fused_step_applies(x, layer.weight, layer.running_second_moment)
+    steps = 30 if shape[2] < 100 else 24
+    bad = (2, 5, 13, 14) if steps < 30 else (2, 5, 13, 14, 25, 26)
+    fused = train_steps("cpp", dtype, steps, True, shape, bad)
+    separate = train_steps("cpp", dtype, steps, False, shape, bad)
+    plain = train_steps("plain", dtype, steps, True, shape, bad)
+    assert_same_training(fused, separate, tol)
+    assert_same_training(fused, plain, tol * 4 if dtype == torch.bfloat16 else tol)
+
+
+def test_fused_step_is_deterministic_and_streams_the_same_bits():
+    if not cpu_kernels.available():
+        pytest.skip("the C++ kernels did not build (test_cpp_kernels_build_here says why)")
+    shape = (2, 64, 257, 263)  # >= 32 MiB float32 with unaligned planes: streaming size
+    runs = []
+    try:
+        for mode in ("never", "always", "always"):
+            cpu_kernels.set_streaming(mode)
+            runs.append(train_steps("cpp", torch.float32, 2, True, shape))
+    finally:
+        cpu_kernels.set_streaming("auto")
+    for other in runs[1:]:
+        for u, v in zip(runs[0][0], other[0]):
+            assert torch.equal(u, v)
+        for key in runs[0][1]:
+            assert torch.equal(runs[0][1][key], other[1][key])
+
+
+def test_fused_step_only_where_it_applies_and_checks_its_inputs():
+    x = torch.randn(2, 3, 4, 5)
+    state32, state64 = torch.zeros(3), torch.zeros(3, dtype=torch.float64)
+    assert kernels.fused_step_applies(x, state32) == cpu_kernels.available()
+    assert not kernels.fused_step_applies(x, state64)  # float64 state, float32 input
+    assert not kernels.fused_step_applies(x.transpose(2, 3), state32)
+    with kernels.use_backend("plain"):
+        assert not kernels.fused_step_applies(x, state32)
+    with kernels.use_fused_step(False):
+        assert not kernels.fused_step_applies(x, state32)
+    if not cpu_kernels.available():
+        return
+    ones, buffer = torch.ones(3), torch.zeros(4, 3)
+    with pytest.raises(RuntimeError, match="chi2_buffer must be a contiguous CPU Float tensor"):
+        torch.ops.mabn_d2.train_forward(x, ones, ones, ones.clone(), torch.zeros(4, 2), 0, True,
+                                        False, 5.0, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="slot 4 outside"):
+        torch.ops.mabn_d2.train_forward(x, ones, ones, ones.clone(), buffer, 4, True, False, 5.0,
+                                        0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.mabn_d2.train_backward(x, x, ones.double(), ones, ones, buffer, 0, True, True,
+                                         True)
 
 
 def test_training_saves_one_activation_sized_tensor():
