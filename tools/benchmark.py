@@ -62,6 +62,8 @@ from mabn_d2 import MABN2d, cpu_kernels, kernels  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 LAYER_SHAPES = [(2, 256, 200, 272), (2, 256, 50, 68), (2, 64, 400, 544), (1024, 256, 7, 7)]
 QUICK_SHAPES = [(2, 256, 50, 68), (256, 256, 7, 7)]
+# Layer timing: back-to-back calls in blocks of about this many seconds.
+LAYER_BLOCK_S = 0.03
 # Steady state of training: moving averages and the renorm clip are on.
 STEADY_STATE_ITERATION = 2000
 
@@ -139,48 +141,54 @@ def synchronize(device: torch.device) -> None:
 
 def interleaved_medians(
     candidates: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device,
-    rewarm: bool = False,
+    block_s: float = 0.0,
 ) -> dict[str, dict[str, float]]:
-    """Median (and min, max) seconds per candidate; run i of every candidate before run i+1.
+    """Median (and min, max) seconds per call of each candidate; round i of every candidate
+    before round i+1, so load from other processes hits all of them alike.
 
-    With ``rewarm`` (layer level), every timed call follows an untimed call of the same
-    candidate, with Python's garbage collector paused within a round: the time of a layer
-    inside a network, where the op before it has just run (threads awake, its input in cache),
-    as ``torch.utils.benchmark`` measures. The untimed calls -- the first after the other
-    candidates, with cold caches and sleeping threads -- are reported as ``first_call_*``.
+    Without ``block_s`` (model level) a run is one call after a ``gc.collect()``. With it
+    (layer level), as ``torch.utils.benchmark`` measures: Python's garbage collector paused,
+    one untimed call, then a block of back-to-back calls lasting about ``block_s`` (at least
+    one; sized from the warm-up rounds), timed together. That is the cost of a layer whose
+    input and threads are warm, as inside a network. The untimed call -- the first after the
+    other candidates, with cold caches and sleeping threads -- is reported as
+    ``first_call_median_s``.
     """
     times: dict[str, list[float]] = {name: [] for name in candidates}
     first: dict[str, list[float]] = {name: [] for name in candidates}
+    calls = dict.fromkeys(candidates, 1)
 
-    def timed(fn: Callable[[], object]) -> float:
+    def timed(fn: Callable[[], object], n: int = 1) -> float:
         synchronize(device)
         start = time.perf_counter()
-        fn()
+        for _ in range(n):
+            fn()
         synchronize(device)
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / n
 
     for run in range(warmup + repeats):
-        if rewarm:
-            gc.collect()
+        gc.collect()
+        if block_s:
             gc.disable()
         try:
             for name, fn in candidates.items():
-                if rewarm:
-                    first_call = timed(fn)
-                else:
+                if not block_s:
                     gc.collect()
-                elapsed = timed(fn)
-                if run >= warmup:
+                first_call = timed(fn) if block_s else 0.0
+                elapsed = timed(fn, calls[name])
+                if run < warmup:
+                    calls[name] = max(1, round(block_s / elapsed))
+                else:
                     times[name].append(elapsed)
-                    if rewarm:
-                        first[name].append(first_call)
+                    first[name].append(first_call)
         finally:
             gc.enable()
     results = {}
     for name, v in times.items():
         results[name] = {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v),
                          "runs": len(v)}
-        if rewarm:
+        if block_s:
+            results[name]["calls_per_run"] = calls[name]
             results[name]["first_call_median_s"] = statistics.median(first[name])
     return results
 
@@ -262,7 +270,7 @@ def bench_shape(shape: tuple[int, ...], repeats: int, device: torch.device,
     for name, candidate in layer_candidates(shape[1]).items():
         candidate.module.to(device).train()
         steps[name] = layer_step(candidate, x, dy)
-    timing = interleaved_medians(steps, repeats, warmup=2, device=device, rewarm=True)
+    timing = interleaved_medians(steps, repeats, warmup=2, device=device, block_s=LAYER_BLOCK_S)
     memory = {}
     if with_memory:
         for name, fn in steps.items():
