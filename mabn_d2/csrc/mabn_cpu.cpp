@@ -6,6 +6,11 @@
 //   grad_reductions(dy, x)    -> (sum dy, sum dy * x) over N, H, W       2 x (C,)  two reads
 //   grad_input(dy, x, a, b)   -> a[c] * dy + b[c] * x                   (N,C,H,W)  2 reads + write
 //
+// and the fused training step (train_forward / train_backward, at the end of this file): the
+// statistics, the step's per-channel arithmetic and the output of a whole layer in one op per
+// direction, channel by channel (x read once, y written once; dy and x read once, dx written
+// once).
+//
 // Arithmetic is in float32 for 16/32-bit inputs (float64 for float64); per-channel sums are
 // accumulated in float64 across planes, so x^2 of half inputs never overflows and large
 // tensors do not lose precision. Reductions split the work into a fixed number of chunks
