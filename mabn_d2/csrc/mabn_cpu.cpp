@@ -695,7 +695,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> train_forward(
       const auto k = forward_coefficients(var, run[c], st);
       inv_std[c] = k.inv_std;
       r[c] = k.r;
-      return var;
     };
     if (channelwise(lay)) {
       for_each_channel(lay, [&](int64_t c) {
@@ -776,11 +775,11 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& dy, const Tensor
     acc_t* dbias = dbias_t.data_ptr<acc_t>();
     const bool stream = out.stream;
     // dx = (w r inv_std) * dy - (psi inv_std^2) * x
-    auto write_dx = [&](int64_t c, acc_t psi, bool streaming) {
+    auto write_dx = [&](int64_t c, acc_t psi) {
       const acc_t a = w[c] * r[c] * inv_std[c];
       const acc_t b = -psi * inv_std[c] * inv_std[c];
       channel_segments(lay, c, [&](int64_t b0, int64_t b1) {
-        axpby_any<scalar_t, acc_t>(pdy + b0, px + b0, pdx + b0, b1 - b0, a, b, streaming);
+        axpby_any<scalar_t, acc_t>(pdy + b0, px + b0, pdx + b0, b1 - b0, a, b, stream);
       });
     };
     // psi_B = mean(g * z) with g = dy * w * r and z = x * inv_std; dweight = sum(dy * r * z).
@@ -806,7 +805,7 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& dy, const Tensor
           sums[1] += static_cast<double>(s[1]);
         });
         channel_results(c, sums[0], sums[1]);
-        if (input_grad) write_dx(c, psi_of(c, true), stream);
+        if (input_grad) write_dx(c, psi_of(c, true));
       });
       for (int64_t c = 0; c < C; ++c) finite = finite && std::isfinite(psi_batch[c]);
       redo = input_grad && !finite && !use_batch_stats;
