@@ -21,7 +21,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "available", "load_error", "set_hugepages", "set_streaming"]
+__all__ = [
+    "load",
+    "available",
+    "load_error",
+    "set_output_cache_limit",
+    "output_cache_stats",
+    "empty_output_cache",
+    "set_streaming",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +73,15 @@ def load() -> bool:
     with _LOCK:
         if _STATE["tried"]:
             return bool(_STATE["ok"])
+        cache_megabytes = _env_cache_megabytes()  # a bad value raises here, every time
         try:
             if not _ops_registered():
                 _build()
             _STATE["ok"] = _ops_registered()
             if not _STATE["ok"]:
                 raise RuntimeError("the extension loaded but registered no mabn_d2 ops")
-            torch.ops.mabn_d2.set_hugepages(os.environ.get("MABN_D2_HUGEPAGES", "0") == "1")
+            if cache_megabytes is not None:
+                torch.ops.mabn_d2.set_output_cache_limit(cache_megabytes << 20)
         except Exception as e:  # any build problem means: use the fallback
             _STATE["ok"] = False
             _STATE["error"] = f"{type(e).__name__}: {e}"
@@ -119,16 +129,51 @@ def load_error() -> str | None:
     return _STATE["error"]  # type: ignore[return-value]
 
 
-def set_hugepages(enabled: bool) -> None:
-    """Back large outputs of the C++ kernels with transparent huge pages (default off).
+CACHE_ENV = "MABN_D2_CPU_CACHE_MB"
 
-    Saves most of the page-fault time of fresh 100 MB outputs where the OS runs THP in
-    ``madvise`` mode (what PyTorch does for all allocations under ``THP_MEM_ALLOC_ENABLE=1``),
-    on an idle machine; on a loaded one it was measured to be several times slower
-    (docs/speed.md). Also set by ``MABN_D2_HUGEPAGES=1`` when the extension loads.
+
+def _env_cache_megabytes() -> int | None:
+    value = os.environ.get(CACHE_ENV)
+    if value is None:
+        return None
+    try:
+        megabytes = int(value)
+    except ValueError:
+        megabytes = -1
+    if megabytes < 0:
+        raise ValueError(f"{CACHE_ENV} must be a whole number of MiB >= 0, got {value!r}")
+    return megabytes
+
+
+def set_output_cache_limit(megabytes: int) -> None:
+    """How many MiB of freed large outputs the C++ kernels keep for reuse (default 1024).
+
+    Outputs of 4 MiB and more (``y`` in forward, ``dx`` in backward) come from a cache of
+    blocks, like CUDA tensors from PyTorch's caching allocator: glibc returns such blocks to
+    the OS on free, and the OS zeroes fresh pages on first touch, which at detection shapes
+    costs as much as the kernel (docs/speed.md). Freed blocks stay mapped up to this limit, the
+    least recently freed evicted first; ``0`` turns the cache off (and frees what it holds).
+    Also set by the environment variable ``MABN_D2_CPU_CACHE_MB`` when the extension loads.
     """
+    if isinstance(megabytes, bool) or not isinstance(megabytes, int) or megabytes < 0:
+        raise ValueError(f"the output cache limit must be an int of MiB >= 0, got {megabytes!r}")
     if load():
-        torch.ops.mabn_d2.set_hugepages(bool(enabled))
+        torch.ops.mabn_d2.set_output_cache_limit(megabytes << 20)
+
+
+def output_cache_stats() -> dict[str, int]:
+    """The output cache's ``limit``, ``cached`` and ``in_use`` bytes, ``hits`` and ``misses``
+    (empty if the C++ kernels are unavailable)."""
+    if not load():
+        return {}
+    values = torch.ops.mabn_d2.output_cache_stats()
+    return dict(zip(("limit", "cached", "in_use", "hits", "misses"), values, strict=True))
+
+
+def empty_output_cache() -> None:
+    """Return the output cache's free blocks to the OS (outputs in use are not touched)."""
+    if load():
+        torch.ops.mabn_d2.empty_output_cache()
 
 
 def set_streaming(mode: str) -> None:

@@ -222,33 +222,37 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
 class LayerCandidate:
     module: nn.Module
     backend: str = ""  # kernel backend to force ("" for non-MABN modules)
-    hugepages: bool = False  # the C++ kernels' large outputs on transparent huge pages
     fused: bool = True  # the C++ fused training step (else the four separate kernels)
+    output_cache: bool = True  # the C++ kernels' cache of large outputs (else fresh blocks)
 
 
 def layer_candidates(c: int) -> dict[str, LayerCandidate]:
-    hugepages = os.environ.get("MABN_D2_HUGEPAGES", "0") == "1"
     candidates = {
-        "MABN2d": LayerCandidate(steady_state(MABN2d(c)), "auto", hugepages),
+        "MABN2d": LayerCandidate(steady_state(MABN2d(c)), "auto"),
         # The four separate C++ kernels (no fused step): what the fused step saves.
-        "MABN2d_unfused": LayerCandidate(steady_state(MABN2d(c)), "auto", hugepages, False),
-        "MABN2d_plain": LayerCandidate(steady_state(MABN2d(c)), "plain", hugepages),
-        "BatchNorm2d": LayerCandidate(nn.BatchNorm2d(c), "", hugepages),
-        "GroupNorm32": LayerCandidate(nn.GroupNorm(32, c), "", hugepages),
-        "naive_MABN": LayerCandidate(steady_state(NaiveMABN2d(c)), "", hugepages),
+        "MABN2d_unfused": LayerCandidate(steady_state(MABN2d(c)), "auto", fused=False),
+        # Outputs from the default allocator: what the output cache saves.
+        "MABN2d_uncached": LayerCandidate(steady_state(MABN2d(c)), "auto", output_cache=False),
+        "MABN2d_plain": LayerCandidate(steady_state(MABN2d(c)), "plain"),
+        "BatchNorm2d": LayerCandidate(nn.BatchNorm2d(c)),
+        "GroupNorm32": LayerCandidate(nn.GroupNorm(32, c)),
+        "naive_MABN": LayerCandidate(steady_state(NaiveMABN2d(c))),
     }
     if kernels.backend_for(torch.zeros(1, 1, 1, 1)) != "cpp":
         del candidates["MABN2d_unfused"]  # no C++ kernels here
+        del candidates["MABN2d_uncached"]
     return candidates
 
 
 def layer_step(candidate: LayerCandidate, x: Tensor, dy: Tensor) -> Callable[[], None]:
     """One training forward + backward of the candidate's module, with its kernel choices."""
     module = candidate.module
+    cache_mib = cpu_kernels.output_cache_stats().get("limit", 0) >> 20
 
     def run() -> None:
         if x.device.type == "cpu" and kernels.backend_for(x) == "cpp":
-            cpu_kernels.set_hugepages(candidate.hugepages)
+            # 0 also frees the cached blocks: the next cached candidate starts from fresh ones.
+            cpu_kernels.set_output_cache_limit(cache_mib if candidate.output_cache else 0)
         x.grad = None
         for p in module.parameters():
             p.grad = None
@@ -458,7 +462,7 @@ def environment(device: torch.device) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mabn_kernels": kernels.backend_for(torch.zeros(1, 1, 1, 1, device=device)),
         "cpp_build_error": cpu_kernels.load_error(),
-        "MABN_D2_HUGEPAGES": os.environ.get("MABN_D2_HUGEPAGES", "0"),
+        "mabn_output_cache_mib": cpu_kernels.output_cache_stats().get("limit", 0) >> 20,
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "cpu_memory": "reused (glibc MALLOC_MMAP_MAX_=0)" if os.environ.get(REUSE_ENV)
         else "default (fresh pages for large blocks)",

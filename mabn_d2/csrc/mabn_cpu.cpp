@@ -21,6 +21,7 @@
 // the JIT compile short.
 
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -38,6 +39,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <mutex>
 #include <cstdint>
 #include <cmath>
 #include <tuple>
@@ -103,28 +108,185 @@ struct Layout {
   }
 };
 
-// Optionally back large outputs with transparent huge pages (THP "madvise" mode): a fresh
-// 100 MB output costs ~25,000 page faults, often more than the pass itself; PyTorch does the
-// same for every allocation under THP_MEM_ALLOC_ENABLE=1. Off by default: on a loaded machine
-// huge-page faults were measured to be several times slower instead (docs/speed.md).
-// Advisory only: madvise failing changes nothing but speed.
-std::atomic<bool> g_hugepages{false};
-constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+// Large outputs (>= kCacheMinBytes) come from a cache of blocks, as on CUDA from PyTorch's
+// caching allocator. glibc serves blocks of 32 MiB and more with fresh mmap pages and returns
+// them to the OS on free, and the OS zeroes every fresh page on first touch: at detection shapes
+// that cost as much as the kernel itself, in every training step (docs/speed.md). A block freed
+// here waits for the next output of about its size instead (best fit, at most 1/8 larger;
+// of equal ones the most recently freed, whose pages are likeliest still in cache).
+// Freed blocks stay mapped up to a limit (env MABN_D2_CPU_CACHE_MB, default 1024; 0 turns the
+// cache off), the least recently freed go first. Allocations are reported to PyTorch's
+// profiler like the default allocator's, so memory profiles and peak-memory numbers see them.
+constexpr size_t kCacheMinBytes = size_t{4} << 20;
+constexpr size_t kCacheGranule = size_t{2} << 20;  // block sizes: multiples of 2 MiB
+
+class OutputCache final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t nbytes) override {
+    const size_t size = (nbytes + kCacheGranule - 1) / kCacheGranule * kCacheGranule;
+    void* block = nullptr;
+    size_t block_size = size;
+    size_t in_use = 0, mapped = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.lower_bound(size);
+      if (it != free_.end() && it->first <= size + size / 8) {
+        it = std::prev(free_.upper_bound(it->first));  // of that size, the most recently freed
+        block_size = it->first;
+        block = it->second.first;
+        cached_ -= block_size;
+        free_.erase(it);
+        ++hits_;
+      } else {
+        ++misses_;
+      }
+      in_use_ += nbytes;
+      in_use = in_use_;
+      mapped = in_use_ + cached_;
+    }
+    if (block == nullptr) block = map(size);
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(block, static_cast<int64_t>(nbytes), in_use, mapped,
+                                       c10::Device(c10::DeviceType::CPU));
+    }
+    auto* lease = new Lease{block, block_size, nbytes};
+    return {block, lease, &OutputCache::release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  // Bytes; also evicts down to the new limit.
+  void set_limit(int64_t bytes) {
+    TORCH_CHECK(bytes >= 0, "mabn_d2: the output cache limit must be >= 0 bytes, got ", bytes);
+    std::vector<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      limit_ = static_cast<size_t>(bytes);
+      evict(0, evicted);
+    }
+    unmap(evicted);
+  }
+
+  bool enabled() const { return limit_.load(std::memory_order_relaxed) > 0; }
+
+  // {limit, cached bytes, bytes in use, hits, misses}
+  std::vector<int64_t> stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {static_cast<int64_t>(limit_.load()), static_cast<int64_t>(cached_),
+            static_cast<int64_t>(in_use_), static_cast<int64_t>(hits_),
+            static_cast<int64_t>(misses_)};
+  }
+
+  void empty() {
+    std::vector<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto& [size, entry] : free_) evicted.push_back({entry.first, size});
+      free_.clear();
+      cached_ = 0;
+    }
+    unmap(evicted);
+  }
+
+  // Never destroyed: outputs may outlive static destruction at exit.
+  static OutputCache& instance() {
+    static auto* cache = new OutputCache();
+    return *cache;
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t size;
+  };
+  struct Lease {
+    void* ptr;
+    size_t size;    // of the block
+    size_t nbytes;  // asked for (what the profiler was told)
+  };
+
+  OutputCache() = default;
+
+  static void* map(size_t size) {
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      instance().empty();  // give the cached blocks back and try once more
+      p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    }
+    TORCH_CHECK_WITH(OutOfMemoryError, p != MAP_FAILED, "mabn_d2: could not map ", size,
+                     " bytes for an output (", std::strerror(errno), ")");
+    return p;
+  }
+
+  static void unmap(const std::vector<Block>& blocks) {
+    for (const Block& b : blocks) munmap(b.ptr, b.size);
+  }
+
+  // Under mutex_: drops the least recently freed blocks until `incoming` more bytes fit.
+  void evict(size_t incoming, std::vector<Block>& evicted) {
+    while (!free_.empty() && cached_ + incoming > limit_) {
+      auto oldest = free_.begin();
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->second.second < oldest->second.second) oldest = it;
+      }
+      evicted.push_back({oldest->second.first, oldest->first});
+      cached_ -= oldest->first;
+      free_.erase(oldest);
+    }
+  }
+
+  static void release(void* context) {
+    auto* lease = static_cast<Lease*>(context);
+    OutputCache& cache = instance();
+    std::vector<Block> evicted;
+    bool keep = false;
+    size_t in_use = 0, mapped = 0;
+    {
+      std::lock_guard<std::mutex> lock(cache.mutex_);
+      cache.in_use_ -= lease->nbytes;
+      if (lease->size <= cache.limit_) {
+        cache.evict(lease->size, evicted);
+        cache.free_.emplace(lease->size, std::make_pair(lease->ptr, ++cache.clock_));
+        cache.cached_ += lease->size;
+        keep = true;
+      }
+      in_use = cache.in_use_;
+      mapped = cache.in_use_ + cache.cached_;
+    }
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(lease->ptr, -static_cast<int64_t>(lease->nbytes), in_use,
+                                       mapped, c10::Device(c10::DeviceType::CPU));
+    }
+    if (!keep) evicted.push_back({lease->ptr, lease->size});
+    unmap(evicted);
+    delete lease;
+  }
+
+  std::mutex mutex_;
+  // size -> (block, when freed): best fit by size, eviction by age (a few dozen entries).
+  std::multimap<size_t, std::pair<void*, uint64_t>> free_;
+  std::atomic<size_t> limit_{size_t{1024} << 20};  // mabn_d2.cpu_kernels sets it on load
+  size_t cached_ = 0;
+  size_t in_use_ = 0;
+  uint64_t clock_ = 0;
+  uint64_t hits_ = 0;
+  uint64_t misses_ = 0;
+};
 
 Tensor empty_output(const Tensor& like) {
-  Tensor out = at::empty_like(like);
-#ifdef MADV_HUGEPAGE
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + out.nbytes()) & ~(kHugePage - 1);
-  if (g_hugepages.load(std::memory_order_relaxed) && last >= first + 2 * kHugePage) {
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  OutputCache& cache = OutputCache::instance();
+  if (!cache.enabled() || static_cast<size_t>(like.nbytes()) < kCacheMinBytes) {
+    return at::empty_like(like);
   }
-#endif
-  return out;
+  return at::detail::empty_generic(like.sizes(), &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   like.scalar_type(), c10::MemoryFormat::Contiguous);
 }
 
-void set_hugepages(bool enabled) { g_hugepages.store(enabled); }
+void set_output_cache_limit(int64_t bytes) { OutputCache::instance().set_limit(bytes); }
+std::vector<int64_t> output_cache_stats() { return OutputCache::instance().stats(); }
+void empty_output_cache() { OutputCache::instance().empty(); }
 
 void check_input(const Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), "mabn_d2 CPU kernels: ", name, " must be on the CPU");
@@ -851,7 +1013,9 @@ TORCH_LIBRARY(mabn_d2, m) {
       "train_backward(Tensor dy, Tensor x, Tensor weight, Tensor inv_std, Tensor r, "
       "Tensor(a!) psi_buffer, int slot, bool use_batch_stats, bool forward_finite, "
       "bool input_grad) -> (Tensor, Tensor, Tensor)");
-  m.def("set_hugepages(bool enabled) -> ()", &set_hugepages);
+  m.def("set_output_cache_limit(int bytes) -> ()", &set_output_cache_limit);
+  m.def("output_cache_stats() -> int[]", &output_cache_stats);
+  m.def("empty_output_cache() -> ()", &empty_output_cache);
   m.def("set_streaming(int mode) -> ()", &set_streaming);
 }
 
