@@ -20,13 +20,22 @@
    for a model with MABN layers the checkpoint's state dict is converted first (BN/FrozenBN/
    Caffe2 affine -> MABN by the exact fold, mismatches are errors; see
    :mod:`mabn_d2.checkpoint`), then detectron2's own loading runs; other models are untouched.
+
+Only when asked for (:func:`import_tracing_adapter`, used by :mod:`mabn_d2.deploy`):
+
+5. **``detectron2.export`` without caffe2.** v0.6's ``detectron2/export/__init__.py`` imports
+   caffe2 unconditionally (PyTorch no longer ships it), which makes ``TracingAdapter``
+   unimportable although it needs no caffe2. Then the package is registered bare and only its
+   ``flatten`` module (which defines ``TracingAdapter``) is imported; logged.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +63,13 @@ from .config import settings_from_cfg
 from .mabn import MABN2d
 from .settings import MABNSettings, active_settings, build_mabn, use_settings
 
-__all__ = ["register_mabn", "finalize_mabn_model", "UnknownNormError", "NORM_NAME"]
+__all__ = [
+    "register_mabn",
+    "finalize_mabn_model",
+    "import_tracing_adapter",
+    "UnknownNormError",
+    "NORM_NAME",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -267,3 +282,26 @@ def register_mabn() -> None:
             len(rebound),
             len(_MODEL_REGISTRIES),
         )
+
+
+def import_tracing_adapter() -> type:
+    """``detectron2.export.TracingAdapter``, also where caffe2 is missing (item 5 above)."""
+    try:
+        from detectron2.export import TracingAdapter
+
+        return TracingAdapter
+    except ModuleNotFoundError as e:
+        if "caffe2" not in str(e):
+            raise
+    import detectron2
+
+    for name in [m for m in sys.modules if m.startswith("detectron2.export")]:
+        del sys.modules[name]
+    package = types.ModuleType("detectron2.export")
+    package.__path__ = [f"{detectron2.__path__[0]}/export"]
+    sys.modules["detectron2.export"] = package
+    logger.info("mabn_d2: detectron2.export needs caffe2, which is missing: registered the "
+                "package without its __init__ and imported detectron2.export.flatten only")
+    adapter = importlib.import_module("detectron2.export.flatten").TracingAdapter
+    package.TracingAdapter = adapter  # later imports find it: idempotent
+    return adapter

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import torch
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -31,3 +32,27 @@ def test_layer_benchmark_writes_ratios_and_first_calls(tmp_path):
     naive = next(r for r in saved["layer"] if r["candidate"] == "naive_MABN")
     assert mabn["peak_bytes"] < naive["peak_bytes"]
     assert "| (2, 32, 6, 5) | MABN2d |" in out.with_suffix(".md").read_text()
+
+
+def test_inference_benchmark_times_eager_and_deployed_models(monkeypatch):
+    full_cfg = benchmark.model_cfg
+
+    def small_cfg(norm, image_size, device):  # few RoIs: seconds, not minutes
+        cfg = full_cfg(norm, image_size, device)
+        cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 40
+        cfg.TEST.DETECTIONS_PER_IMAGE = 10
+        return cfg
+
+    monkeypatch.setattr(benchmark, "model_cfg", small_cfg)
+    rows = {r["candidate"]: r for r in benchmark.bench_model_inference(1, 96, torch.device("cpu"))}
+    assert set(rows) == {f"{n}{m}" for n in ("fused_MABN", "FrozenBN", "GN")
+                         for m in ("", "_deployed", "_fastest")}
+    for name, row in rows.items():
+        assert row["detections"] == 10 and row["median_s"] > 0
+        if name.endswith("_deployed"):
+            assert row["max_box_diff_to_eager"] < 1e-2 and row["max_score_diff_to_eager"] < 1e-4
+    assert rows["FrozenBN_deployed"]["ratio_to_frozen_bn"] == 1.0
+    assert rows["GN_fastest"]["fastest_form"] in ("eager", "deployed")
+    gn_times = (rows["GN"]["median_s"], rows["GN_deployed"]["median_s"])
+    assert rows["GN_fastest"]["median_s"] == min(gn_times)
+    assert rows["fused_MABN"]["ratio_to_fused_mabn"] == 1.0

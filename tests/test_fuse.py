@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
-import types
 
 import pytest
 import torch
@@ -16,6 +13,8 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from mabn_d2 import CentralizedConv2d, MABN2d, add_mabn_config, fuse_mabn
+from mabn_d2.deploy import trace_for_deployment
+from mabn_d2.detectron2_patch import import_tracing_adapter
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -164,29 +163,9 @@ def test_fuse_mask_rcnn_r50_fpn(mask_rcnn):
     assert len(outputs) == 2 and len(outputs[0]["instances"]) == 10
 
 
-def import_tracing_adapter():
-    """detectron2.export.TracingAdapter; v0.6's ``detectron2/export/__init__.py`` imports
-    caffe2 unconditionally, so without caffe2 the subpackage is registered bare and only
-    ``flatten`` (which defines TracingAdapter and needs no caffe2) is imported."""
-    try:
-        from detectron2.export import TracingAdapter
-
-        return TracingAdapter
-    except ModuleNotFoundError as e:
-        if "caffe2" not in str(e):
-            raise
-    import detectron2
-
-    for name in [m for m in sys.modules if m.startswith("detectron2.export")]:
-        del sys.modules[name]
-    package = types.ModuleType("detectron2.export")
-    package.__path__ = [f"{detectron2.__path__[0]}/export"]
-    sys.modules["detectron2.export"] = package
-    return importlib.import_module("detectron2.export.flatten").TracingAdapter
-
-
 def test_fused_mask_rcnn_traces_with_detectron2_export(mask_rcnn):
     tracing_adapter = import_tracing_adapter()
+    assert import_tracing_adapter() is tracing_adapter  # idempotent
     fused = fuse_mabn(mask_rcnn)
 
     def inference(model, image):
@@ -204,3 +183,31 @@ def test_fused_mask_rcnn_traces_with_detectron2_export(mask_rcnn):
             torch.testing.assert_close(mine.pred_boxes.tensor, theirs.pred_boxes.tensor)
             torch.testing.assert_close(mine.scores, theirs.scores)
             torch.testing.assert_close(mine.pred_masks, theirs.pred_masks)
+
+
+def test_trace_for_deployment_matches_the_eager_model(mask_rcnn):
+    fused = fuse_mabn(mask_rcnn)
+    images = [torch.rand(3, 128, 160) * 255, torch.rand(3, 112, 176) * 255]
+    deployed = trace_for_deployment(fused, images[0])  # frozen + optimize_for_inference
+    graph = str(deployed.module.inlined_graph)
+    assert "batch_norm" not in graph and "group_norm" not in graph
+    for image in images:  # the second one (another size) was not seen while tracing
+        mine = deployed(image)
+        with torch.no_grad():
+            theirs = fused.inference([{"image": image}], do_postprocess=False)[0]
+        assert len(mine) == len(theirs) == 10
+        torch.testing.assert_close(mine.pred_boxes.tensor, theirs.pred_boxes.tensor,
+                                   rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(mine.scores, theirs.scores, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mine.pred_masks, theirs.pred_masks, rtol=1e-4, atol=1e-4)
+
+
+def test_trace_for_deployment_refuses_what_it_cannot_trace(mask_rcnn):
+    image = torch.rand(3, 128, 160) * 255
+    with pytest.raises(ValueError, match="eval-mode"):
+        trace_for_deployment(copy.deepcopy(mask_rcnn).train(), image)
+    with pytest.raises(TypeError, match="no inference"):
+        trace_for_deployment(nn.Conv2d(3, 3, 1).eval(), image)
+    deployed = trace_for_deployment(fuse_mabn(mask_rcnn), image, optimize=False)
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        deployed(image[None])
