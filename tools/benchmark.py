@@ -20,15 +20,19 @@ work whatever its random weights, the RPN suppresses no proposal (NMS threshold 
 score threshold is 0 (every model returns 100 detections and runs its mask head on them).
 
 CPU memory: glibc serves blocks of 32 MiB and more with fresh ``mmap`` pages, which the OS
-zeroes on first touch; at detection shapes that costs every candidate as much as a pass over
-the data. ``--reuse-memory`` restarts the benchmark with glibc's ``MALLOC_MMAP_MAX_=0`` and a
-high ``MALLOC_TRIM_THRESHOLD_`` so freed blocks are reused, as caching allocators (jemalloc,
-tcmalloc: PyTorch's CPU performance advice) do; the JSON records which allocator ran.
+zeroes on first touch; at detection shapes that costs as much as a pass over the data. MABN's
+C++ kernels take their large outputs from their own cache of freed blocks
+(:func:`mabn_d2.cpu_kernels.set_output_cache_limit`); ``MABN_D2_CPU_CACHE_MB=0`` in the
+environment turns it off. ``--reuse-memory`` restarts the benchmark with glibc's
+``MALLOC_MMAP_MAX_=0`` and a high ``MALLOC_TRIM_THRESHOLD_`` so every candidate's freed blocks
+are reused, as caching allocators (jemalloc, tcmalloc: PyTorch's CPU performance advice) do.
+The JSON records both settings.
 
 Examples::
 
     python tools/benchmark.py                      # everything, CPU (or CUDA if present)
     python tools/benchmark.py --only layer --reuse-memory
+    MABN_D2_CPU_CACHE_MB=0 python tools/benchmark.py --only layer
     python tools/benchmark.py --quick              # small subset, a minute or two
     python tools/benchmark.py --only layer --shapes 2,256,50,68 --repeats 20
     python tools/benchmark.py --json output/benchmark/cpu.json
@@ -224,7 +228,6 @@ class LayerCandidate:
     module: nn.Module
     backend: str = ""  # kernel backend to force ("" for non-MABN modules)
     fused: bool = True  # the C++ fused training step (else the four separate kernels)
-    output_cache: bool = True  # the C++ kernels' cache of large outputs (else fresh blocks)
 
 
 def layer_candidates(c: int) -> dict[str, LayerCandidate]:
@@ -232,8 +235,6 @@ def layer_candidates(c: int) -> dict[str, LayerCandidate]:
         "MABN2d": LayerCandidate(steady_state(MABN2d(c)), "auto"),
         # The four separate C++ kernels (no fused step): what the fused step saves.
         "MABN2d_unfused": LayerCandidate(steady_state(MABN2d(c)), "auto", fused=False),
-        # Outputs from the default allocator: what the output cache saves.
-        "MABN2d_uncached": LayerCandidate(steady_state(MABN2d(c)), "auto", output_cache=False),
         "MABN2d_plain": LayerCandidate(steady_state(MABN2d(c)), "plain"),
         "BatchNorm2d": LayerCandidate(nn.BatchNorm2d(c)),
         "GroupNorm32": LayerCandidate(nn.GroupNorm(32, c)),
@@ -241,19 +242,14 @@ def layer_candidates(c: int) -> dict[str, LayerCandidate]:
     }
     if kernels.backend_for(torch.zeros(1, 1, 1, 1)) != "cpp":
         del candidates["MABN2d_unfused"]  # no C++ kernels here
-        del candidates["MABN2d_uncached"]
     return candidates
 
 
 def layer_step(candidate: LayerCandidate, x: Tensor, dy: Tensor) -> Callable[[], None]:
     """One training forward + backward of the candidate's module, with its kernel choices."""
     module = candidate.module
-    cache_mib = cpu_kernels.output_cache_stats().get("limit", 0) >> 20
 
     def run() -> None:
-        if x.device.type == "cpu" and kernels.backend_for(x) == "cpp":
-            # 0 also frees the cached blocks: the next cached candidate starts from fresh ones.
-            cpu_kernels.set_output_cache_limit(cache_mib if candidate.output_cache else 0)
         x.grad = None
         for p in module.parameters():
             p.grad = None

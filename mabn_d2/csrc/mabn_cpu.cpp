@@ -39,8 +39,7 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
-#include <cstring>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <cstdint>
@@ -119,6 +118,7 @@ struct Layout {
 // profiler like the default allocator's, so memory profiles and peak-memory numbers see them.
 constexpr size_t kCacheMinBytes = size_t{4} << 20;
 constexpr size_t kCacheGranule = size_t{2} << 20;  // block sizes: multiples of 2 MiB
+constexpr size_t kPageAlign = 4096;
 
 class OutputCache final : public c10::Allocator {
  public:
@@ -144,7 +144,7 @@ class OutputCache final : public c10::Allocator {
       in_use = in_use_;
       mapped = in_use_ + cached_;
     }
-    if (block == nullptr) block = map(size);
+    if (block == nullptr) block = allocate_block(size);
     if (c10::memoryProfilingEnabled()) {
       c10::reportMemoryUsageToProfiler(block, static_cast<int64_t>(nbytes), in_use, mapped,
                                        c10::Device(c10::DeviceType::CPU));
@@ -166,7 +166,7 @@ class OutputCache final : public c10::Allocator {
       limit_ = static_cast<size_t>(bytes);
       evict(0, evicted);
     }
-    unmap(evicted);
+    free_blocks(evicted);
   }
 
   bool enabled() const { return limit_.load(std::memory_order_relaxed) > 0; }
@@ -187,7 +187,7 @@ class OutputCache final : public c10::Allocator {
       free_.clear();
       cached_ = 0;
     }
-    unmap(evicted);
+    free_blocks(evicted);
   }
 
   // Never destroyed: outputs may outlive static destruction at exit.
@@ -209,19 +209,21 @@ class OutputCache final : public c10::Allocator {
 
   OutputCache() = default;
 
-  static void* map(size_t size) {
-    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
+  // From the C allocator (glibc, or jemalloc/tcmalloc where preloaded), so that a block it can
+  // serve from memory it already holds is not taken from the OS.
+  static void* allocate_block(size_t size) {
+    void* p = nullptr;
+    if (posix_memalign(&p, kPageAlign, size) != 0) {
       instance().empty();  // give the cached blocks back and try once more
-      p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (posix_memalign(&p, kPageAlign, size) != 0) p = nullptr;
     }
-    TORCH_CHECK_WITH(OutOfMemoryError, p != MAP_FAILED, "mabn_d2: could not map ", size,
-                     " bytes for an output (", std::strerror(errno), ")");
+    TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr, "mabn_d2: could not allocate ", size,
+                     " bytes for an output");
     return p;
   }
 
-  static void unmap(const std::vector<Block>& blocks) {
-    for (const Block& b : blocks) munmap(b.ptr, b.size);
+  static void free_blocks(const std::vector<Block>& blocks) {
+    for (const Block& b : blocks) std::free(b.ptr);
   }
 
   // Under mutex_: drops the least recently freed blocks until `incoming` more bytes fit.
@@ -260,7 +262,7 @@ class OutputCache final : public c10::Allocator {
                                        mapped, c10::Device(c10::DeviceType::CPU));
     }
     if (!keep) evicted.push_back({lease->ptr, lease->size});
-    unmap(evicted);
+    free_blocks(evicted);
     delete lease;
   }
 
