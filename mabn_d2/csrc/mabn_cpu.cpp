@@ -11,6 +11,9 @@
 // direction, channel by channel (x read once, y written once; dy and x read once, dx written
 // once).
 //
+// Outputs of 4 MiB and more come from a cache of freed blocks (OutputCache below), so that a
+// training step does not pay the OS's page zeroing for fresh 100 MB outputs every time.
+//
 // Arithmetic is in float32 for 16/32-bit inputs (float64 for float64); per-channel sums are
 // accumulated in float64 across planes, so x^2 of half inputs never overflows and large
 // tensors do not lose precision. Reductions split the work into a fixed number of chunks
@@ -39,11 +42,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <cstdint>
-#include <cmath>
 #include <tuple>
 #include <type_traits>
 #include <vector>
