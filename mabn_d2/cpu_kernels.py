@@ -151,8 +151,9 @@ def set_output_cache_limit(megabytes: int) -> None:
     Outputs of 4 MiB and more (``y`` in forward, ``dx`` in backward) come from a cache of
     blocks, like CUDA tensors from PyTorch's caching allocator: glibc returns such blocks to
     the OS on free, and the OS zeroes fresh pages on first touch, which at detection shapes
-    costs as much as the kernel (docs/speed.md). Freed blocks stay mapped up to this limit, the
-    least recently freed evicted first; ``0`` turns the cache off (and frees what it holds).
+    costs as much as the kernel (docs/speed.md). Freed blocks stay allocated up to this
+    limit, the least recently freed evicted first; ``0`` turns the cache off (and frees what
+    it holds).
     Also set by the environment variable ``MABN_D2_CPU_CACHE_MB`` when the extension loads.
     """
     if isinstance(megabytes, bool) or not isinstance(megabytes, int) or megabytes < 0:

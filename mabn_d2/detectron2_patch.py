@@ -1,6 +1,6 @@
 """The one place where mabn_d2 changes detectron2 at run time.
 
-:func:`register_mabn` (called by ``import mabn_d2``; idempotent; logged) does three things:
+:func:`register_mabn` (called by ``import mabn_d2``; idempotent; logged) does four things:
 
 1. **``get_norm("MABN", C)``.** detectron2's ``get_norm`` keeps its names in a local dict, so
    it is wrapped: ``"MABN"`` builds :class:`~mabn_d2.MABN2d`, every other name goes to the

@@ -116,7 +116,7 @@ struct Layout {
 // that cost as much as the kernel itself, in every training step (docs/speed.md). A block freed
 // here waits for the next output of about its size instead (best fit, at most 1/8 larger;
 // of equal ones the most recently freed, whose pages are likeliest still in cache).
-// Freed blocks stay mapped up to a limit (env MABN_D2_CPU_CACHE_MB, default 1024; 0 turns the
+// Freed blocks stay allocated up to a limit (env MABN_D2_CPU_CACHE_MB, default 1024; 0 turns the
 // cache off), the least recently freed go first. Allocations are reported to PyTorch's
 // profiler like the default allocator's, so memory profiles and peak-memory numbers see them.
 constexpr size_t kCacheMinBytes = size_t{4} << 20;
@@ -129,7 +129,7 @@ class OutputCache final : public c10::Allocator {
     const size_t size = (nbytes + kCacheGranule - 1) / kCacheGranule * kCacheGranule;
     void* block = nullptr;
     size_t block_size = size;
-    size_t in_use = 0, mapped = 0;
+    size_t in_use = 0, held = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = free_.lower_bound(size);
@@ -145,11 +145,11 @@ class OutputCache final : public c10::Allocator {
       }
       in_use_ += nbytes;
       in_use = in_use_;
-      mapped = in_use_ + cached_;
+      held = in_use_ + cached_;
     }
     if (block == nullptr) block = allocate_block(size);
     if (c10::memoryProfilingEnabled()) {
-      c10::reportMemoryUsageToProfiler(block, static_cast<int64_t>(nbytes), in_use, mapped,
+      c10::reportMemoryUsageToProfiler(block, static_cast<int64_t>(nbytes), in_use, held,
                                        c10::Device(c10::DeviceType::CPU));
     }
     auto* lease = new Lease{block, block_size, nbytes};
@@ -247,7 +247,7 @@ class OutputCache final : public c10::Allocator {
     OutputCache& cache = instance();
     std::vector<Block> evicted;
     bool keep = false;
-    size_t in_use = 0, mapped = 0;
+    size_t in_use = 0, held = 0;
     {
       std::lock_guard<std::mutex> lock(cache.mutex_);
       cache.in_use_ -= lease->nbytes;
@@ -258,11 +258,11 @@ class OutputCache final : public c10::Allocator {
         keep = true;
       }
       in_use = cache.in_use_;
-      mapped = cache.in_use_ + cache.cached_;
+      held = cache.in_use_ + cache.cached_;
     }
     if (c10::memoryProfilingEnabled()) {
       c10::reportMemoryUsageToProfiler(lease->ptr, -static_cast<int64_t>(lease->nbytes), in_use,
-                                       mapped, c10::Device(c10::DeviceType::CPU));
+                                       held, c10::Device(c10::DeviceType::CPU));
     }
     if (!keep) evicted.push_back({lease->ptr, lease->size});
     free_blocks(evicted);
