@@ -10,8 +10,8 @@ net, so every conv can be fused this way; a GroupNorm between a conv and its ReL
 (docs/speed.md measures what that costs).
 
 The traced graph holds the example image's control flow: like any traced detectron2 model it
-is valid for inputs that take the same branches (any image size; not an empty set of
-detections, see detectron2's ``TracingAdapter``).
+is valid for inputs that take the same branches (tested: another image size than the
+example's; see detectron2's ``TracingAdapter`` for what tracing cannot capture).
 """
 
 from __future__ import annotations
