@@ -12,8 +12,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["mabn_d2", "mabn_d2.*"]),
-    # C++ source of the CPU kernels, compiled at first use (mabn_d2/cpu_kernels.py).
-    package_data={"mabn_d2": ["csrc/*.cpp"]},
+    # C++ sources of the CPU kernels, compiled at first use (mabn_d2/kernels/cpp.py).
+    package_data={"mabn_d2.kernels": ["csrc/*.cpp", "csrc/*.h"]},
     python_requires=">=3.9",
     # torch/torchvision and detectron2 are installed by `make venv` (see README): detectron2
     # is not on PyPI, and torch wheels depend on the platform.

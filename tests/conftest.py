@@ -1,4 +1,4 @@
-"""Shared test fixtures: where the real COCO subset lies, and small helpers."""
+"""Shared test fixtures (helpers live in tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-COCO_MINI = Path(os.environ.get("MABN_D2_COCO_MINI", REPO.parent / "shared" / "data" / "coco_mini"))
-# detectron2's builtin datasets read this when detectron2.data is first imported.
+from helpers import COCO_MINI, require_coco_mini
+
+# detectron2's builtin datasets read this when detectron2.data is first imported (helpers
+# imports neither detectron2 nor mabn_d2 at import time).
 os.environ.setdefault("DETECTRON2_DATASETS", str(COCO_MINI))
-
-
-def require_coco_mini() -> Path:
-    """The coco_mini root; skip (fresh clone without ../shared) or fail (CI=true) if absent."""
-    if (COCO_MINI / "coco" / "annotations" / "instances_train2017.json").is_file():
-        return COCO_MINI
-    reason = (
-        f"the real COCO subset is not at {COCO_MINI} (expected ../shared/data/coco_mini beside "
-        "the repository, or MABN_D2_COCO_MINI)"
-    )
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true: {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture

@@ -6,23 +6,19 @@ Usage: python tests/ddp_worker.py --num-gpus 2 --config-file CFG [opts ...]
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # train_net.setup
-import train_net  # noqa: E402
-
-from mabn_d2 import MABN2d  # noqa: E402
-from mabn_d2.distributed import launch  # noqa: E402
-from mabn_d2.engine import MABNTrainer  # noqa: E402
+from mabn_d2 import MABN2d
+from mabn_d2.engine import MABNTrainer, setup_from_args
+from mabn_d2.engine.launch import launch
 
 
 def main(args) -> None:
-    cfg = train_net.setup(args)
+    cfg = setup_from_args(args)
     trainer = MABNTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()  # ends with the COCO evaluation, gathered from every rank

@@ -12,10 +12,7 @@ from pathlib import Path
 
 from detectron2.engine import default_argument_parser, hooks
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # train_net.setup
-import train_net  # noqa: E402
-
-from mabn_d2.engine import MABNTrainer  # noqa: E402
+from mabn_d2.engine import MABNTrainer, setup_from_args
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml"
@@ -35,7 +32,7 @@ class RecordLosses(hooks.HookBase):
 def main() -> None:
     losses_path, rest = sys.argv[1], sys.argv[2:]
     args = default_argument_parser().parse_args(["--config-file", str(TINY), *rest])
-    cfg = train_net.setup(args)
+    cfg = setup_from_args(args)
     trainer = MABNTrainer(cfg)
     trainer.register_hooks([RecordLosses(losses_path)])
     trainer.resume_or_load(resume=args.resume)

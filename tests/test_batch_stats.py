@@ -15,7 +15,7 @@ from detectron2.utils.events import JSONWriter
 from torch import nn
 
 from mabn_d2 import MABN2d
-from mabn_d2.batch_stats import (
+from mabn_d2.integration.batch_stats import (
     BatchStatsHook,
     BatchStatsRecorder,
     add_batch_stats_config,

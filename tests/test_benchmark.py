@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import torch
-from conftest import REPO
 
-sys.path.insert(0, str(REPO / "tools"))
-
-import benchmark  # noqa: E402
+import benchmark  # tools/ is on the tests' path (pyproject.toml)
 
 
 def test_layer_benchmark_writes_ratios_and_first_calls(tmp_path):

@@ -18,17 +18,18 @@ from detectron2.layers import Conv2d
 from torch import nn
 
 from mabn_d2 import MABN2d, add_mabn_config
-from mabn_d2.calibration import (
+from mabn_d2.engine.hooks import MABNCalibrationHook, MABNPreciseBN, build_mabn_hooks
+from mabn_d2.engine.launch import launch
+from mabn_d2.finetune.calibration import (
     calibrate_mabn,
     calibrate_mabn_backward,
     layers_to_calibrate,
     precise_mabn_stats,
 )
-from mabn_d2.config import calibration_from_cfg
-from mabn_d2.convert import SOURCE_AFFINE, SOURCE_BN, SOURCE_MABN, SOURCE_NEW
-from mabn_d2.distributed import launch
-from mabn_d2.functional import mabn_eval
-from mabn_d2.hooks import MABNCalibrationHook, MABNPreciseBN, build_mabn_hooks
+from mabn_d2.finetune.convert import SOURCE_AFFINE, SOURCE_BN, SOURCE_MABN, SOURCE_NEW
+from mabn_d2.integration.config import calibration_from_cfg
+from mabn_d2.layer import centralize_weight
+from mabn_d2.layer.functional import mabn_eval
 
 
 class TinyNet(nn.Module):
@@ -72,7 +73,7 @@ def norm_inputs(model: TinyNet, data, batch_normalize: bool) -> list[torch.Tenso
     for x in data:
         h = x
         for i, conv in enumerate((model.conv1, model.conv2)):
-            a = F.conv2d(h, conv.weight, None, 1, 1)
+            a = F.conv2d(h, centralize_weight(conv.weight), None, 1, 1)  # centralized conv
             columns[i].append(a.transpose(0, 1).reshape(a.shape[1], -1))
             norm = conv.norm
             stat = a.square().mean((0, 2, 3)) if batch_normalize else norm.running_second_moment
@@ -207,13 +208,13 @@ def test_layers_to_calibrate_per_mode():
     model = nn.ModuleDict({name: MABN2d(2) for name in ("bn", "affine", "new", "mabn", "none")})
     for name, source in (("bn", SOURCE_BN), ("affine", SOURCE_AFFINE), ("new", SOURCE_NEW),
                          ("mabn", SOURCE_MABN)):
-        model[name]._mabn_source = source
+        model[name].converted_from = source
     assert sorted(layers_to_calibrate(model, "auto")) == ["affine", "bn"]
     assert sorted(layers_to_calibrate(model, "always")) == ["affine", "bn", "none"]
     assert layers_to_calibrate(model, "never") == {}
-    model["affine"]._mabn_source = SOURCE_BN  # every converted layer has statistics
+    model["affine"].converted_from = SOURCE_BN  # every converted layer has statistics
     assert layers_to_calibrate(model, "auto") == {}
-    with pytest.raises(ValueError, match="'auto', 'always' or 'never'"):
+    with pytest.raises(ValueError, match=r"one of \('auto', 'always', 'never'\)"):
         layers_to_calibrate(model, "sometimes")
 
 
@@ -290,7 +291,7 @@ def _calibrate_rank(out_dir: str) -> None:
     rank = dist.get_rank()
     model = TinyNet()
     for norm in model.norms():
-        norm._mabn_source = SOURCE_AFFINE
+        norm.converted_from = SOURCE_AFFINE
     model.train()
     calibrate_mabn(model, make_data()[rank::2])  # different data on each rank
     torch.save(model.state_dict(), Path(out_dir) / f"rank{rank}.pt")

@@ -11,11 +11,13 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_backbone
-from finetune_helpers import c2_name, run_tool, small_backbone_cfg
 
 import mabn_d2
 from mabn_d2 import MABN2d, MABNCheckpointError
-from mabn_d2.convert import SOURCE_MABN
+from mabn_d2.finetune.convert import SOURCE_MABN
+
+from finetune_start_study import c2_name
+from helpers import run_tool, small_backbone_cfg
 
 
 def backbone(norm: str = "MABN", **mabn):

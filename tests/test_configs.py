@@ -4,13 +4,14 @@ names, and says in its header what it reproduces and which numbers to expect."""
 from __future__ import annotations
 
 import pytest
-from conftest import CONFIGS
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch import nn
 
 from mabn_d2 import MABN2d
 from mabn_d2.engine import get_mabn_cfg
+
+from helpers import CONFIGS
 
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
 LEAF_CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith("Base-")]

@@ -11,11 +11,10 @@ import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_backbone
-from finetune_helpers import c2_name, relative_l2, run_tool, small_backbone_cfg
 from torch import nn
 
 from mabn_d2 import MABN2d
-from mabn_d2.convert import (
+from mabn_d2.finetune.convert import (
     SOURCE_AFFINE,
     SOURCE_BN,
     SOURCE_IDENTITY,
@@ -23,6 +22,9 @@ from mabn_d2.convert import (
     convert_bn_to_mabn,
     fold_bn,
 )
+
+from finetune_start_study import c2_name
+from helpers import relative_l2, run_tool, small_backbone_cfg
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -65,7 +67,7 @@ def test_torchvision_resnet18_eval_outputs_equal():
     norms = [m for m in converted.modules() if isinstance(m, MABN2d)]
     assert len(norms) == 20 and not any(isinstance(m, nn.BatchNorm2d)
                                         for m in converted.modules())
-    assert all(m.buffer_size == 8 and m.eps == 1e-5 and m._mabn_source == SOURCE_BN
+    assert all(m.buffer_size == 8 and m.eps == 1e-5 and m.converted_from == SOURCE_BN
                for m in norms)
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
@@ -104,7 +106,7 @@ def test_a_bn_module_itself_is_replaced_and_untracked_bn_keeps_gamma_beta():
     with torch.no_grad():
         untracked.weight.fill_(2.0)
     mabn = convert_bn_to_mabn(untracked)
-    assert mabn._mabn_source == SOURCE_NEW and torch.equal(mabn.weight, torch.full((4,), 2.0))
+    assert mabn.converted_from == SOURCE_NEW and torch.equal(mabn.weight, torch.full((4,), 2.0))
 
 
 def outputs(model, x):
@@ -173,7 +175,7 @@ def test_conv_bias_before_bn_folds_into_mabn(tmp_path):
     with torch.no_grad():
         source[0].bias.normal_()
     DetectionCheckpointer(source, str(tmp_path)).save("conv_bias_bn")
-    target = nn.Sequential(Conv2d(3, 4, 3, bias=False, norm=MABN2d(4)))
+    target = nn.Sequential(Conv2d(3, 4, 3, bias=False, norm=MABN2d(4, centralize_weights=False)))
     DetectionCheckpointer(target).load(str(tmp_path / "conv_bias_bn.pth"))
     x = torch.randn(2, 3, 8, 8)
     assert relative_l2(outputs(target, x), outputs(source, x)) < 1e-5

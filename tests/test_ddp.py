@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import CONFIGS, REPO
+
+from helpers import CONFIGS, REPO
 
 WORKER = REPO / "tests" / "ddp_worker.py"
 TINY = CONFIGS / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml"

@@ -3,20 +3,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
-spec = importlib.util.spec_from_file_location("detection_comparison",
-                                              REPO / "tools" / "detection_comparison.py")
-driver = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = driver
-spec.loader.exec_module(driver)
+import detection_comparison as driver  # tools/ is on the tests' path (pyproject.toml)
 
 
 def test_commands_override_norm_schedule_seed_and_centralization(tmp_path):

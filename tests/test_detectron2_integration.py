@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from conftest import CONFIGS
 from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper
 from detectron2.data.datasets import load_coco_json
@@ -18,6 +17,8 @@ from torch import nn
 
 import mabn_d2
 from mabn_d2 import CentralizedConv2d, MABN2d, add_mabn_config
+
+from helpers import CONFIGS
 
 R50_MABN_YAML = CONFIGS / "mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml"
 
@@ -145,16 +146,17 @@ def test_two_builds_do_not_leak_settings():
 
 def test_centralized_conv_uses_centralized_weight_and_keeps_state_dict_keys():
     torch.manual_seed(0)
-    conv = Conv2d(3, 5, 3, padding=1, bias=False, norm=MABN2d(5))
+    conv = Conv2d(3, 5, 3, padding=1, bias=False, norm=MABN2d(5, centralize_weights=False))
+    assert type(conv) is Conv2d
     keys = list(conv.state_dict())
-    mabn_d2.centralize_convs_feeding_mabn(conv)
+    assert mabn_d2.centralize_convs_feeding_mabn(conv) == [""]
     assert isinstance(conv, CentralizedConv2d) and list(conv.state_dict()) == keys
     conv.eval()
     x = torch.randn(2, 3, 6, 6)
     w = conv.weight - conv.weight.mean(dim=(1, 2, 3), keepdim=True)
     expected = conv.norm(torch.nn.functional.conv2d(x, w, None, 1, 1))
     torch.testing.assert_close(conv(x), expected)
-    plain = Conv2d(3, 5, 3, padding=1, bias=False, norm=MABN2d(5))
+    plain = Conv2d(3, 5, 3, padding=1, bias=False, norm=MABN2d(5, centralize_weights=False))
     plain.load_state_dict(conv.state_dict())  # loads both ways
     conv.load_state_dict(plain.state_dict())
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from mabn_d2 import MABN2d
-from mabn_d2.distributed import launch
+from mabn_d2.engine.launch import launch
 
 STEPS = 12
 LAYER = dict(buffer_size=4, warmup_iters=3, renorm_start_iter=6, renorm_clip=1.5)

@@ -10,25 +10,24 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import require_coco_mini
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
-from finetune_helpers import (
+
+from mabn_d2 import CentralizedConv2d, MABN2d
+from mabn_d2.engine import MABNTrainer
+from mabn_d2.engine.hooks import MABNCalibrationHook, MABNPreciseBN
+from mabn_d2.finetune.convert import SOURCE_AFFINE, SOURCE_BN, SOURCE_NEW
+
+from finetune_start_study import (
     coco_batches,
-    relative_l2,
-    set_bn_statistics,
     small_rcnn_cfg,
     total_loss,
     train_steps,
     write_c2_resnet_pkl,
 )
-
-from mabn_d2 import CentralizedConv2d, MABN2d
-from mabn_d2.convert import SOURCE_AFFINE, SOURCE_BN, SOURCE_NEW
-from mabn_d2.engine import MABNTrainer
-from mabn_d2.hooks import MABNCalibrationHook, MABNPreciseBN
+from helpers import relative_l2, require_coco_mini, set_bn_statistics
 
 # ResNet-18 (stem 1 + 8 blocks x 2 + 3 shortcuts), FPN (4 + 4), box head 2 convs, mask head 2.
 N_BACKBONE_NORMS, N_NORMS = 20, 20 + 8 + 2 + 2
@@ -106,7 +105,7 @@ def test_default_predictor_converts_the_bn_checkpoint(bn_run, coco_mini):
         predictor = DefaultPredictor(cfg)  # a plain DetectionCheckpointer inside
         outputs[norm] = predictor(image)["instances"]
     mabn_layers = [m for m in predictor.model.modules() if isinstance(m, MABN2d)]
-    assert len(mabn_layers) == N_NORMS and all(m._mabn_source == SOURCE_BN for m in mabn_layers)
+    assert len(mabn_layers) == N_NORMS and all(m.converted_from == SOURCE_BN for m in mabn_layers)
     assert relative_l2(outputs["MABN"].scores, outputs["BN"].scores) < 1e-4
     assert relative_l2(outputs["MABN"].pred_boxes.tensor, outputs["BN"].pred_boxes.tensor) < 1e-4
 

@@ -6,15 +6,16 @@ import copy
 
 import pytest
 import torch
-from conftest import CONFIGS
 from detectron2.config import get_cfg
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch import nn
 
 from mabn_d2 import CentralizedConv2d, MABN2d, add_mabn_config, fuse_mabn
-from mabn_d2.deploy import trace_for_deployment
-from mabn_d2.detectron2_patch import import_tracing_adapter
+from mabn_d2.deploy.trace import trace_for_deployment
+from mabn_d2.integration.patch import import_tracing_adapter
+
+from helpers import CONFIGS
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,9 +9,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO
 
-from mabn_d2 import MABN2d, cpu_kernels, kernels
+from mabn_d2 import MABN2d, kernels
+from mabn_d2.kernels import cpp
+
+from helpers import REPO
 
 # (dtype, relative tolerance of the outputs stored in that dtype, of float32/64 statistics)
 DTYPES = [
@@ -84,7 +86,7 @@ def check_against_formulas(got, want, x, dy, out_tol, stat_tol):
 def test_cpp_kernels_build_here():
     # On a machine with gcc and ninja (every machine `make venv` sets up) the C++ path must
     # work: a broken build would otherwise only show up as a warning and a slower MABN.
-    assert cpu_kernels.available(), cpu_kernels.load_error()
+    assert cpp.available(), cpp.load_error()
     assert kernels.backend_for(torch.zeros(1, 2, 3, 3)) == "cpp"
 
 
@@ -126,25 +128,25 @@ def test_cpp_reductions_are_deterministic():
 def test_streaming_stores_give_the_same_bits():
     # >= 32 MiB of float32 with planes of >= 4096 elements: the size at which the C++ kernels
     # write with streaming stores; an odd plane makes every plane start unaligned.
-    if not cpu_kernels.available():
+    if not cpp.available():
         pytest.skip("the C++ kernels did not build (test_cpp_kernels_build_here says why)")
     x, dy, a, b = make_inputs((2, 64, 257, 263), torch.float32)
     assert x.nbytes >= 32 << 20
     outputs = {}
     try:
         for mode in ("never", "always"):
-            cpu_kernels.set_streaming(mode)
+            cpp.set_streaming(mode)
             with kernels.use_backend("cpp"):
                 outputs[mode] = (kernels.channel_affine(x, a, b), kernels.grad_input(dy, x, a, b))
     finally:
-        cpu_kernels.set_streaming("auto")
+        cpp.set_streaming("auto")
     for plain, streamed in zip(outputs["never"], outputs["always"]):
         assert torch.equal(plain, streamed)
     want = expected(x, dy, a, b)
     assert rel_err(outputs["always"][0], want["channel_affine"]) < 2e-6
     assert rel_err(outputs["always"][1], want["grad_input"]) < 2e-6
     with pytest.raises(ValueError, match="streaming mode"):
-        cpu_kernels.set_streaming("sometimes")
+        cpp.set_streaming("sometimes")
 
 
 def test_dispatch_and_forced_backends():
@@ -206,7 +208,7 @@ def test_fused_step_matches_the_separate_kernels_and_plain(dtype, tol, shape):
     # The fused C++ step against the four C++ kernels and the plain ops, through every phase
     # of the schedule, with non-finite inputs (forward) and gradients (backward) in the
     # batch-statistics phase (steps 2, 5) and the moving-average phases (13, 14, 25, 26).
-    if not cpu_kernels.available():
+    if not cpp.available():
         pytest.skip("the C++ kernels did not build (test_cpp_kernels_build_here says why)")
     x = torch.zeros(shape, dtype=dtype)
     layer = MABN2d(shape[1]).to(torch.float64 if dtype == torch.float64 else torch.float32)
@@ -221,16 +223,16 @@ def test_fused_step_matches_the_separate_kernels_and_plain(dtype, tol, shape):
 
 
 def test_fused_step_is_deterministic_and_streams_the_same_bits():
-    if not cpu_kernels.available():
+    if not cpp.available():
         pytest.skip("the C++ kernels did not build (test_cpp_kernels_build_here says why)")
     shape = (2, 64, 257, 263)  # >= 32 MiB float32 with unaligned planes: streaming size
     runs = []
     try:
         for mode in ("never", "always", "always"):
-            cpu_kernels.set_streaming(mode)
+            cpp.set_streaming(mode)
             runs.append(train_steps("cpp", torch.float32, 2, True, shape))
     finally:
-        cpu_kernels.set_streaming("auto")
+        cpp.set_streaming("auto")
     for other in runs[1:]:
         for u, v in zip(runs[0][0], other[0]):
             assert torch.equal(u, v)
@@ -241,14 +243,14 @@ def test_fused_step_is_deterministic_and_streams_the_same_bits():
 def test_fused_step_only_where_it_applies_and_checks_its_inputs():
     x = torch.randn(2, 3, 4, 5)
     state32, state64 = torch.zeros(3), torch.zeros(3, dtype=torch.float64)
-    assert kernels.fused_step_applies(x, state32) == cpu_kernels.available()
+    assert kernels.fused_step_applies(x, state32) == cpp.available()
     assert not kernels.fused_step_applies(x, state64)  # float64 state, float32 input
     assert not kernels.fused_step_applies(x.transpose(2, 3), state32)
     with kernels.use_backend("plain"):
         assert not kernels.fused_step_applies(x, state32)
     with kernels.use_fused_step(False):
         assert not kernels.fused_step_applies(x, state32)
-    if not cpu_kernels.available():
+    if not cpp.available():
         return
     ones, buffer = torch.ones(3), torch.zeros(4, 3)
     with pytest.raises(RuntimeError, match="chi2_buffer must be a contiguous CPU Float tensor"):
@@ -311,14 +313,12 @@ def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     result = run_python(
         """
-        import sys, torch
-        sys.path.insert(0, "tests")
+        import torch
         from test_kernels import DTYPES, check_against_formulas, expected, make_inputs
-        from mabn_d2 import triton_kernels as tk
+        from mabn_d2.kernels import triton as tk
         for dtype, out_tol, stat_tol in DTYPES:
             for shape in [(2, 3, 5, 7), (3, 2, 33, 40)]:
                 x, dy, a, b = make_inputs(shape, dtype)
-                assert tk.supports(x, dy)
                 sum_dy, sum_dy_x = tk.grad_reductions(dy, x, a.dtype)
                 got = {
                     "second_moment": tk.second_moment(x, a.dtype),
@@ -332,7 +332,7 @@ def test_triton_kernels_under_the_interpreter():
         assert torch.isfinite(got).all() and (x.float() ** 2).max() > 65504
         print("ok")
         """,
-        TRITON_INTERPRET="1",
+        TRITON_INTERPRET="1", PYTHONPATH=str(REPO / "tests"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")

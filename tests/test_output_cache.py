@@ -1,4 +1,4 @@
-"""The C++ kernels' cache of large outputs (``cpu_kernels.set_output_cache_limit``)."""
+"""The C++ kernels' cache of large outputs (``cpp.set_output_cache_limit``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mabn_d2 import MABN2d, cpu_kernels
+from mabn_d2 import MABN2d
+from mabn_d2.kernels import cpp
 
 MIB = 1 << 20
 SHAPE = (2, 16, 256, 256)  # 8 MiB of float32: above the cache's 4 MiB threshold
@@ -16,12 +17,12 @@ SHAPE = (2, 16, 256, 256)  # 8 MiB of float32: above the cache's 4 MiB threshold
 
 @pytest.fixture
 def cache():
-    if not cpu_kernels.available():
+    if not cpp.available():
         pytest.skip("the C++ kernels did not build (test_cpp_kernels_build_here says why)")
-    limit = cpu_kernels.output_cache_stats()["limit"] >> 20
-    cpu_kernels.empty_output_cache()
-    yield cpu_kernels
-    cpu_kernels.set_output_cache_limit(limit)
+    limit = cpp.output_cache_stats()["limit"] >> 20
+    cpp.empty_output_cache()
+    yield cpp
+    cpp.set_output_cache_limit(limit)
 
 
 def affine(x: torch.Tensor) -> torch.Tensor:
@@ -161,11 +162,11 @@ def test_bad_limits_are_refused(cache, bad):
 
 
 def test_environment_variable_is_checked(monkeypatch):
-    monkeypatch.setenv(cpu_kernels.CACHE_ENV, "256")
-    assert cpu_kernels._env_cache_megabytes() == 256
+    monkeypatch.setenv(cpp.CACHE_ENV, "256")
+    assert cpp._env_cache_megabytes() == 256
     for bad in ("-5", "lots", "1.5"):
-        monkeypatch.setenv(cpu_kernels.CACHE_ENV, bad)
-        with pytest.raises(ValueError, match=cpu_kernels.CACHE_ENV):
-            cpu_kernels._env_cache_megabytes()
-    monkeypatch.delenv(cpu_kernels.CACHE_ENV)
-    assert cpu_kernels._env_cache_megabytes() is None
+        monkeypatch.setenv(cpp.CACHE_ENV, bad)
+        with pytest.raises(ValueError, match=cpp.CACHE_ENV):
+            cpp._env_cache_megabytes()
+    monkeypatch.delenv(cpp.CACHE_ENV)
+    assert cpp._env_cache_megabytes() is None

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+
+from helpers import REPO
 
 WORKER = REPO / "tests" / "resume_worker.py"
 TOTAL = 8

@@ -89,7 +89,7 @@ def test_box_and_mask_heads_with_zero_rois():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_batch_leaves_statistics_untouched(bad, caplog):
     layer = warmed_layer()
-    layer._mabn_name = "backbone.res2.0.conv1.norm"
+    layer.name = "backbone.res2.0.conv1.norm"
     before = state(layer)
     x = torch.randn(2, 4, 5, 5)
     x[1, 2, 3, 3] = bad

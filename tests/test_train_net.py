@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, REPO
+
+from helpers import CONFIGS, REPO
 
 TRAIN_NET = REPO / "tools" / "train_net.py"
 TINY = CONFIGS / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml"

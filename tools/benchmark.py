@@ -22,7 +22,7 @@ score threshold is 0 (every model returns 100 detections and runs its mask head 
 CPU memory: glibc serves blocks of 32 MiB and more with fresh ``mmap`` pages, which the OS
 zeroes on first touch; at detection shapes that costs as much as a pass over the data. MABN's
 C++ kernels take their large outputs from their own cache of freed blocks
-(:func:`mabn_d2.cpu_kernels.set_output_cache_limit`); ``MABN_D2_CPU_CACHE_MB=0`` in the
+(:func:`mabn_d2.kernels.cpp.set_output_cache_limit`); ``MABN_D2_CPU_CACHE_MB=0`` in the
 environment turns it off. ``--reuse-memory`` restarts the benchmark with glibc's
 ``MALLOC_MMAP_MAX_=0`` and a high ``MALLOC_TRIM_THRESHOLD_`` so every candidate's freed blocks
 are reused, as caching allocators (jemalloc, tcmalloc: PyTorch's CPU performance advice) do.
@@ -59,10 +59,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import mabn_d2  # noqa: E402  (registers the "MABN" norm)
-from mabn_d2 import MABN2d, cpu_kernels, kernels  # noqa: E402
+import mabn_d2  # registers the "MABN" norm
+from mabn_d2 import MABN2d, kernels
+from mabn_d2.kernels import cpp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER_SHAPES = [(2, 256, 200, 272), (2, 256, 50, 68), (2, 64, 400, 544), (1024, 256, 7, 7)]
@@ -132,8 +131,7 @@ def steady_state(module: nn.Module) -> nn.Module:
     """Move every MABN layer to a late training iteration (moving averages + renorm on)."""
     for m in module.modules():
         if isinstance(m, MABN2d):
-            m._iteration = STEADY_STATE_ITERATION
-            m.num_batches_tracked.fill_(STEADY_STATE_ITERATION)
+            m.iteration = STEADY_STATE_ITERATION
         elif isinstance(m, NaiveMABN2d):
             m.num_batches_tracked.fill_(STEADY_STATE_ITERATION)
     return module
@@ -390,10 +388,10 @@ def bench_model_training(repeats: int, image_size: int, device: torch.device) ->
 
 def bench_model_inference(repeats: int, image_size: int, device: torch.device) -> list[dict]:
     """Eager (``model(inputs)``, as ``DefaultPredictor``) and deployed
-    (:func:`mabn_d2.deploy.trace_for_deployment`: traced, frozen, optimized for inference)."""
+    (:func:`mabn_d2.deploy.trace.trace_for_deployment`: traced, frozen, optimized for inference)."""
     from detectron2.modeling import build_model
 
-    from mabn_d2.deploy import trace_for_deployment
+    from mabn_d2.deploy.trace import trace_for_deployment
 
     image = synthetic_batch(1, image_size, device, seed=1)[0]["image"]
     runs = {}
@@ -487,8 +485,8 @@ def environment(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mabn_kernels": kernels.backend_for(torch.zeros(1, 1, 1, 1, device=device)),
-        "cpp_build_error": cpu_kernels.load_error(),
-        "mabn_output_cache_mib": cpu_kernels.output_cache_stats().get("limit", 0) >> 20,
+        "cpp_build_error": cpp.load_error(),
+        "mabn_output_cache_mib": cpp.output_cache_stats().get("limit", 0) >> 20,
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "cpu_memory": "reused (glibc MALLOC_MMAP_MAX_=0)" if os.environ.get(REUSE_ENV)
         else "default (fresh pages for large blocks)",

@@ -5,7 +5,7 @@ Reads any file detectron2's ``DetectionCheckpointer`` reads (detectron2 ``.pth``
 Caffe2/Detectron ``.pkl`` such as the MSRA ``R-50.pkl``, torchvision-converted ``.pkl``, a
 plain PyTorch state dict) and writes a ``.pth`` with only the model, in which every BN /
 FrozenBN / SyncBN layer (and every Caffe2 frozen affine ``_bn_s``/``_bn_b``) is an MABN layer
-computing the same eval function (see :mod:`mabn_d2.convert`). Loading a BN checkpoint into
+computing the same eval function (see :mod:`mabn_d2.finetune.convert`). Loading a BN checkpoint into
 an MABN model with ``MODEL.WEIGHTS`` does this on the fly; this tool is for keeping the
 converted file, for PyTorch models outside detectron2, and for restarting the moving
 averages of an MABN checkpoint (``--reset-moving-averages``, e.g. to fine-tune with another
@@ -33,8 +33,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 from torch import nn
 
-from mabn_d2.checkpoint import SOURCES_KEY
-from mabn_d2.convert import (
+from mabn_d2.finetune.checkpoint import SOURCES_KEY
+from mabn_d2.finetune.convert import (
     MOVING_AVERAGE_KEYS,
     SOURCE_BN_EPS,
     convert_bn_state_dict,

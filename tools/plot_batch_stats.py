@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Draw the batch statistics recorded by :class:`mabn_d2.batch_stats.BatchStatsHook` as curves.
+"""Draw the batch statistics that mabn_d2's batch-statistics recorder wrote, as curves.
+
+The recorder is :class:`mabn_d2.integration.batch_stats.BatchStatsHook`.
 
 Each ``--run LABEL=PATH`` is one training run's detectron2 ``metrics.json`` (one JSON object
 per line) or the JSON written by ``tools/small_batch_study.py`` (its ``batch_stats`` entry, one

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mabn_d2 import MABN2d
-from mabn_d2.batch_stats import BatchStatsRecorder, to_scalars
-from mabn_d2.centralization import centralize_weight
+from mabn_d2.integration.batch_stats import BatchStatsRecorder, to_scalars
+from mabn_d2.layer.centralization import centralize_weight
 
 # ---------------------------------------------------------------------------------------
 # Data
@@ -160,26 +160,6 @@ class BatchRenorm2d(nn.Module):
                             training=True, eps=self.eps)
 
 
-class MABN2dBatchPsi(MABN2d):
-    """Ablation "without the backward moving average": :class:`mabn_d2.MABN2d` whose forward
-    keeps its moving average of ``chi^2`` but whose backward uses this batch's ``psi_B``.
-
-    ``MABN2d`` averages the rows of ``psi_buffer`` (``m x C``) in backward after writing
-    ``psi_B`` into one row. Here all ``m`` rows are views of one row, so their mean is
-    exactly the newest ``psi_B``. (A ``backward_moving_average`` option of the layer would
-    make this class unnecessary.)
-    """
-
-    def __init__(self, num_features: int, **kwargs) -> None:
-        super().__init__(num_features, **kwargs)
-        del self._buffers["psi_buffer"]
-        self.register_buffer("psi_row", torch.zeros(1, num_features))
-
-    @property
-    def psi_buffer(self) -> Tensor:  # type: ignore[override]
-        return self.psi_row.expand(self.buffer_size, -1)
-
-
 class GroupSplitNorm(nn.Module):
     """Normalize a batch as consecutive groups of ``group_size`` samples with one ``layer``
     (see the module docstring: each group is one normalization batch of the layer). Eval
@@ -270,9 +250,9 @@ def make_norm(method: Method, channels: int, cfg: StudyConfig) -> nn.Module:
             relax_iters=cfg.brn_relax_iters * groups_per_step,
         )
     elif method.norm in ("MABN", "MABN-batch-psi"):
-        cls = MABN2d if method.norm == "MABN" else MABN2dBatchPsi
-        layer = cls(
+        layer = MABN2d(
             channels,
+            backward_moving_average=method.norm == "MABN",
             momentum=cfg.mabn_momentum,
             buffer_size=cfg.mabn_buffer_size,
             warmup_iters=cfg.mabn_warmup_iters * groups_per_step,
@@ -285,7 +265,7 @@ def make_norm(method: Method, channels: int, cfg: StudyConfig) -> nn.Module:
 
 class ConvNorm(nn.Module):
     """3x3 (or 1x1) convolution without bias, then the norm; optionally on the centralized
-    weight (:func:`mabn_d2.centralization.centralize_weight`), as MABN prescribes."""
+    weight (:func:`mabn_d2.layer.centralization.centralize_weight`), as MABN prescribes."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, kernel: int, norm: nn.Module,
                  centralize: bool) -> None:
@@ -527,11 +507,8 @@ def plot_results(rows: Sequence[dict], runs: Sequence[dict], path: Path, title: 
 def plot_study_batch_stats(json_path: Path, png: Path) -> None:
     """Curves of the recorded layer's four statistics, one per method (seed 0), drawn by
     ``tools/plot_batch_stats.py`` from the study's JSON."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    try:
-        import plot_batch_stats
-    finally:
-        sys.path.pop(0)
+    import plot_batch_stats  # beside this script (sys.path[0] when run as a script)
+
     plot_batch_stats.main(["--study", str(json_path), "--out", str(png)])
 
 

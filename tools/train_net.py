@@ -25,26 +25,15 @@ from __future__ import annotations
 import argparse
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_argument_parser
 
 import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
-from mabn_d2.distributed import launch  # detectron2's launch; gloo processes without CUDA
-from mabn_d2.engine import MABNTrainer, get_mabn_cfg, mabn_setup
-
-
-def setup(args: argparse.Namespace):
-    """The frozen cfg of this job: defaults + ``MODEL.MABN`` + the file + command-line opts."""
-    cfg = get_mabn_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    default_setup(cfg, args)
-    mabn_setup(cfg)
-    return cfg
+from mabn_d2.engine import MABNTrainer, setup_from_args
+from mabn_d2.engine.launch import launch  # detectron2's launch; gloo processes without CUDA
 
 
 def main(args: argparse.Namespace):
-    cfg = setup(args)
+    cfg = setup_from_args(args)
     if args.eval_only:
         model = MABNTrainer.build_model(cfg)
         checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 import torch
 from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import default_setup
 from detectron2.layers import get_norm
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
 from .. import __version__
-from ..centralization import CentralizedConv2d
-from ..config import add_mabn_config, settings_from_cfg
 from ..data import add_dataset_config, register_coco_from_cfg
-from ..mabn import MABN2d
+from ..integration.config import add_mabn_config, settings_from_cfg
+from ..integration.conv import CentralizedConv2d
+from ..layer import MABN2d
 
-__all__ = ["get_mabn_cfg", "mabn_setup", "describe_mabn_model"]
+__all__ = ["get_mabn_cfg", "mabn_setup", "setup_from_args", "describe_mabn_model"]
 
 logger = logging.getLogger(__name__)
 _NORM_KEYS = ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
@@ -62,6 +64,19 @@ def mabn_setup(cfg: CfgNode) -> None:
         logger.info("mabn_d2: MODEL.MABN settings of this job: %s", settings)
     for name in register_coco_from_cfg(cfg):
         logger.info("mabn_d2: registered COCO dataset %r from DATASETS.REGISTER_COCO", name)
+
+
+def setup_from_args(args: argparse.Namespace) -> CfgNode:
+    """The frozen cfg of a ``tools/train_net.py`` job (detectron2's ``default_argument_parser``
+    arguments): defaults + ``MODEL.MABN`` + ``args.config_file`` + ``args.opts``, then
+    detectron2's ``default_setup`` and :func:`mabn_setup`."""
+    cfg = get_mabn_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    mabn_setup(cfg)
+    return cfg
 
 
 def describe_mabn_model(model: nn.Module) -> str:

@@ -15,10 +15,10 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from torch import nn
 
-from ..batch_stats import build_batch_stats_hook
 from ..data import check_num_classes
-from ..evaluation import build_coco_evaluator, save_eval_results, summary_table
-from ..hooks import build_mabn_hooks
+from ..integration.batch_stats import build_batch_stats_hook
+from .evaluation import build_coco_evaluator, save_eval_results, summary_table
+from .hooks import build_mabn_hooks
 from .resume import ResumableSampler, RNGStates
 from .setup import describe_mabn_model
 

@@ -19,9 +19,8 @@ the second moment of its input ``chi2 = mean_{N,H,W}(x^2)`` over all batches (we
   current batch weighs ``1/m``, onto ``s``; unclipped unless a batch's second moment is
   ``renorm_clip^2`` times off): training starts from the pretrained function, whatever the
   first batch. Without renorm the current batch's share in the moving average scales each
-  layer by a per-batch factor that compounds over depth (measured: 6-24% relative error at
-  res5 of a ResNet-18, 2-image batches), and with a warm-up's batch statistics far more
-  (~60%).
+  layer by a per-batch factor that compounds over depth, and a warm-up's batch statistics
+  far more (docs/finetuning.md measures both).
 * :func:`calibrate_mabn_backward` (after :func:`calibrate_mabn`): the backward moving
   average. ``Psi_B = mean(g * z)`` needs gradients, so it runs training steps without
   updates: forward in training mode, backward of the training loss, ``Psi_B`` read from the
@@ -57,11 +56,11 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 from torch import Tensor, nn
 
+from ..layer import MABN2d, mabn_eval
 from .convert import NO_STATISTICS, SOURCE_BN
-from .functional import mabn_eval
-from .mabn import MABN2d
 
 __all__ = [
+    "CALIBRATION_MODES",
     "CalibrationReport",
     "calibrate_mabn",
     "calibrate_mabn_backward",
@@ -71,6 +70,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Which layers a calibration measures (MODEL.MABN.CALIBRATION.MODE): see layers_to_calibrate.
+CALIBRATION_MODES = ("auto", "always", "never")
 
 
 def mabn_layers(model: nn.Module) -> dict[str, MABN2d]:
@@ -82,21 +84,21 @@ def mabn_layers(model: nn.Module) -> dict[str, MABN2d]:
 def layers_to_calibrate(model: nn.Module, mode: str = "auto") -> dict[str, MABN2d]:
     """The layers :func:`calibrate_mabn` should measure for ``MODEL.MABN.CALIBRATION.MODE``.
 
-    Candidates are the layers converted from another normalization (``_mabn_source`` set by
+    Candidates are the layers converted from another normalization (``converted_from`` set by
     checkpoint loading or :func:`mabn_d2.convert_bn_to_mabn`: BN statistics, frozen affine,
     norm-less conv); layers of an MABN checkpoint keep their statistics, and new layers keep
     MABN's own initialization (``weight = 1``: they normalize, they do not reproduce anything).
-    A layer that was never loaded or converted (no ``_mabn_source``) is a candidate only for
+    A layer that was never loaded or converted (``converted_from`` None) is a candidate only for
     ``"always"``.
 
     * ``"auto"``: the candidates, if at least one of them has no statistics; else none.
     * ``"always"``: the candidates (every layer without a recorded source included).
     * ``"never"``: none.
     """
-    if mode not in ("auto", "always", "never"):
-        raise ValueError(f"calibration mode must be 'auto', 'always' or 'never', got {mode!r}")
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(f"calibration mode must be one of {CALIBRATION_MODES}, got {mode!r}")
     layers = mabn_layers(model)
-    sources = {name: getattr(layer, "_mabn_source", None) for name, layer in layers.items()}
+    sources = {name: layer.converted_from for name, layer in layers.items()}
     converted = (SOURCE_BN, *NO_STATISTICS)
     if mode == "never":
         return {}
@@ -245,9 +247,8 @@ def _measure(model: nn.Module, data: Iterable[Any], num_batches: int,
                 layer.chi2_buffer.copy_(s_new.to(layer.chi2_buffer).expand_as(layer.chi2_buffer))
                 # The statistics are now the population's: the layer is past every warm-up
                 # phase of its schedule (see the module docstring).
-                layer._iteration = max(layer._iteration, layer.buffer_size,
-                                       layer.warmup_iters, layer.renorm_start_iter)
-                layer.num_batches_tracked.fill_(layer._iteration)
+                layer.iteration = max(layer.iteration, layer.buffer_size, layer.warmup_iters,
+                                      layer.renorm_start_iter)
             layer.running_second_moment.copy_(s_new.to(layer.running_second_moment))
         report.updated[name] = (float(s_old.mean()), float(s_new.mean()))
     if report.unseen:
@@ -293,14 +294,14 @@ class _ModelState:
 
     def __init__(self, model: nn.Module, layers: dict[str, MABN2d]) -> None:
         self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        self._iterations = [(layer, layer._iteration) for layer in layers.values()]
+        self._iterations = [(layer, layer.iteration) for layer in layers.values()]
 
     def restore(self) -> None:
         with torch.no_grad():
             for buffer, value in self._buffers:
                 buffer.copy_(value)
         for layer, iteration in self._iterations:
-            layer._iteration = iteration
+            layer.iteration = iteration
 
 
 def _training_loss(output: Any, loss_fn: Callable[[Any], Tensor] | None) -> Tensor:
@@ -341,7 +342,7 @@ def calibrate_mabn_backward(
     if not getattr(model, "module", model).training:
         raise ValueError("MABN backward calibration needs the model in training mode")
     state = _ModelState(model, mabn_layers(model))
-    iterations = {name: layer._iteration for name, layer in selected.items()}
+    iterations = {name: layer.iteration for name, layer in selected.items()}
     grads = [(p, p.grad) for p in model.parameters()]
     sums = {name: torch.zeros(m.num_features, dtype=torch.float64) for name, m in selected.items()}
     counts = dict.fromkeys(selected, 0)
@@ -355,8 +356,8 @@ def calibrate_mabn_backward(
                 for name, layer in selected.items():
                     # Called exactly once in this step (not skipped for an empty input):
                     # its backward wrote Psi_B into the slot of the step.
-                    if layer._iteration == iterations[name] + 1:
-                        psi = layer.psi_buffer[layer._iteration % layer.buffer_size]
+                    if layer.iteration == iterations[name] + 1:
+                        psi = layer.psi_buffer[layer.iteration % layer.buffer_size]
                         sums[name] += psi.detach().double().cpu()
                         counts[name] += 1
                 state.restore()

@@ -2,7 +2,7 @@
 
 In eval mode MABN is the per-channel affine ``y = gamma * x / sqrt(running + eps) + beta``.
 Following a convolution ``x = conv(u; W, b)`` (with ``W`` centralized by
-:class:`~mabn_d2.centralization.CentralizedConv2d` when weight centralization is on), with
+:class:`~mabn_d2.CentralizedConv2d` when weight centralization is on), with
 ``s = gamma / sqrt(running + eps)`` per output channel::
 
     y = s * (conv(u; W_c) + b) + beta = conv(u; s[:, None, None, None] * W_c) + (s * b + beta)
@@ -21,8 +21,8 @@ import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import Tensor, nn
 
-from .centralization import CentralizedConv2d, centralize_weight
-from .mabn import MABN2d
+from ..integration.conv import CentralizedConv2d
+from ..layer import MABN2d, centralize_weight
 
 __all__ = ["fuse_mabn", "fold_mabn_into_conv", "mabn_scale_shift"]
 

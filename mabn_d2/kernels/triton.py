@@ -1,6 +1,6 @@
 """Triton kernels of :mod:`mabn_d2.kernels` for CUDA tensors.
 
-Same four passes and contracts as :mod:`mabn_d2.plain_kernels`, for contiguous ``(N, C, H, W)``
+Same four passes and contracts as :mod:`mabn_d2.kernels.plain`, for contiguous ``(N, C, H, W)``
 tensors of float16 / bfloat16 / float32 / float64:
 
 * reductions run on a ``(C, splits)`` grid: each program walks its share of channel ``c``'s
@@ -20,23 +20,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["second_moment", "channel_affine", "grad_reductions", "grad_input", "supports"]
+from . import statistics_dtype
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+__all__ = ["second_moment", "channel_affine", "grad_reductions", "grad_input"]
+
 _REDUCE_BLOCK = 1024
 _ELEMENTWISE_BLOCK = 2048
 # Reduction programs wanted in flight: a few per SM on current GPUs.
 _TARGET_PROGRAMS = 1024
-
-
-def supports(*tensors: Tensor) -> bool:
-    """Whether these tensors can take the Triton path (CUDA, or CPU under the interpreter)."""
-    first = tensors[0]
-    return all(
-        t.dim() == 4 and t.is_contiguous() and t.dtype == first.dtype and t.dtype in _DTYPES
-        and t.device == first.device
-        for t in tensors
-    )
 
 
 @triton.jit
@@ -88,7 +79,7 @@ def _channel_axpby_kernel(
 
 
 def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return tl.float64 if statistics_dtype(dtype) == torch.float64 else tl.float32
 
 
 def _channel_sums(x: Tensor, dy: Tensor | None) -> Tensor:
@@ -98,7 +89,7 @@ def _channel_sums(x: Tensor, dy: Tensor | None) -> Tensor:
     tiles_per_plane = triton.cdiv(hw, _REDUCE_BLOCK)
     total_tiles = n * tiles_per_plane
     splits = max(1, min(total_tiles, triton.cdiv(_TARGET_PROGRAMS, c)))
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_dtype = statistics_dtype(x.dtype)
     partial = torch.empty(c, splits, 2, dtype=acc_dtype, device=x.device)
     _channel_sums_kernel[(c, splits)](
         x, x if dy is None else dy, partial, c, hw, tiles_per_plane, total_tiles, splits,
@@ -108,7 +99,7 @@ def _channel_sums(x: Tensor, dy: Tensor | None) -> Tensor:
 
 
 def _channel_axpby(x: Tensor, dy: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_dtype = statistics_dtype(x.dtype)
     a = a.to(device=x.device, dtype=acc_dtype).contiguous()
     b = b.to(device=x.device, dtype=acc_dtype).contiguous()
     out = torch.empty_like(x)

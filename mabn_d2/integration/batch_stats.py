@@ -35,12 +35,12 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .mabn import MABN2d
+from ..kernels import statistics_dtype
+from ..layer import MABN2d
 
 __all__ = [
     "STAT_NAMES",
     "NORM_TYPES",
-    "batch_statistics",
     "forward_statistics",
     "backward_statistics",
     "find_norm_layers",
@@ -69,10 +69,6 @@ def _reduce_dims(t: Tensor) -> list[int]:
     return [d for d in range(t.dim()) if d != 1]
 
 
-def _stats_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _channel_view(v: Tensor | None, like: Tensor) -> Tensor | None:
     if v is None:
         return None
@@ -83,7 +79,7 @@ def _channel_view(v: Tensor | None, like: Tensor) -> Tensor | None:
 def forward_statistics(x: Tensor) -> dict[str, Tensor]:
     """``mu_B`` and ``sigma2_B`` (biased) per channel of ``x (N, C, ...)``, float32/64."""
     dims = _reduce_dims(x)
-    xs = x.detach().to(_stats_dtype(x))
+    xs = x.detach().to(statistics_dtype(x.dtype))
     mu = xs.mean(dim=dims)
     var = (xs - mu.view([1, -1] + [1] * (x.dim() - 2))).square().mean(dim=dims)
     return {"mu": mu, "var": var}
@@ -103,7 +99,7 @@ def backward_statistics(
     if dy.shape != y.shape:
         raise ValueError(f"dy has shape {tuple(dy.shape)}, y has shape {tuple(y.shape)}")
     dims = _reduce_dims(y)
-    sdtype = _stats_dtype(y)
+    sdtype = statistics_dtype(y.dtype)
     ys, dys = y.detach().to(sdtype), dy.detach().to(sdtype)
     beta = _channel_view(bias, ys)
     x_hat_times_gamma = ys if beta is None else ys - beta
@@ -112,13 +108,6 @@ def backward_statistics(
         g = g * weight.detach().to(sdtype)
     psi = (dys * x_hat_times_gamma).mean(dim=dims)
     return {"g": g, "psi": psi}
-
-
-def batch_statistics(
-    x: Tensor, y: Tensor, dy: Tensor, weight: Tensor | None, bias: Tensor | None
-) -> dict[str, Tensor]:
-    """All four statistics (see the module docstring), each of shape ``(C,)``."""
-    return {**forward_statistics(x), **backward_statistics(y, dy, weight, bias)}
 
 
 def find_norm_layers(

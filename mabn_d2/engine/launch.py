@@ -4,10 +4,16 @@ detectron2's ``launch`` spawns one process per GPU with NCCL and asserts CUDA. O
 (tests, CI, laptops) :func:`launch` spawns the same workers with the gloo backend and sets up
 detectron2's per-machine process group, so ``DefaultTrainer``, ``comm`` and the evaluators
 work unchanged. With CUDA available it simply calls detectron2's ``launch``.
+
+In the gloo worker processes only, detectron2's ``create_ddp_model`` (which
+``DefaultTrainer`` calls) is wrapped so that a CPU model keeps ``device_ids=None``: detectron2
+passes ``device_ids=[local_rank]``, which ``DistributedDataParallel`` rejects for CPU modules.
+No other process sees this change.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from datetime import timedelta
@@ -16,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from detectron2.engine import defaults as d2_defaults
 from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
 from detectron2.utils import comm
@@ -90,8 +97,28 @@ def _gloo_worker(
         group = dist.new_group(ranks)
         if i == machine_rank:
             comm._LOCAL_PROCESS_GROUP = group
+    _let_ddp_wrap_cpu_models()
     comm.synchronize()
     try:
         main_func(*args)
     finally:
         dist.destroy_process_group()
+
+
+def _let_ddp_wrap_cpu_models() -> None:
+    """In this gloo worker: ``create_ddp_model`` leaves ``device_ids`` None for CPU models."""
+    original = d2_defaults.create_ddp_model
+    if getattr(original, "_mabn_d2_cpu_ddp", False):
+        return
+
+    @functools.wraps(original)
+    def create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        first = next(model.parameters(), None)
+        if first is not None and first.device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    create_ddp_model._mabn_d2_cpu_ddp = True  # type: ignore[attr-defined]
+    d2_defaults.create_ddp_model = create_ddp_model
+    logger.info("mabn_d2: in this gloo worker, create_ddp_model wraps CPU models without "
+                "device_ids")

@@ -3,44 +3,21 @@
 from __future__ import annotations
 
 import logging
+import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..kernels import statistics_dtype
 from .functional import MABNStep, mabn_eval, mabn_train
+from .settings import SETTINGS, check_setting
 
 __all__ = ["MABN2d"]
 
 logger = logging.getLogger(__name__)
-
-
-def _check_hyperparameters(
-    num_features: int,
-    eps: float,
-    momentum: float,
-    buffer_size: int,
-    warmup_iters: int,
-    renorm_start_iter: int,
-    renorm_clip: float,
-) -> None:
-    checks = [
-        (isinstance(num_features, int) and num_features >= 1, "num_features", num_features,
-         "an int >= 1"),
-        (eps >= 0, "eps", eps, ">= 0"),
-        (0 < momentum <= 1, "momentum", momentum, "in (0, 1]"),
-        (isinstance(buffer_size, int) and buffer_size >= 1, "buffer_size", buffer_size,
-         "an int >= 1"),
-        (isinstance(warmup_iters, int) and warmup_iters >= 0, "warmup_iters", warmup_iters,
-         "an int >= 0"),
-        (isinstance(renorm_start_iter, int) and renorm_start_iter >= 0, "renorm_start_iter",
-         renorm_start_iter, "an int >= 0"),
-        (renorm_clip >= 1, "renorm_clip", renorm_clip, ">= 1"),
-    ]
-    for ok, name, value, expected in checks:
-        if not ok:
-            raise ValueError(f"MABN2d: {name} must be {expected}, got {value!r}")
 
 
 class MABN2d(nn.Module):
@@ -71,21 +48,47 @@ class MABN2d(nn.Module):
     whose statistics are not finite leaves the moving-average buffers and running statistics
     as they were. Empty inputs (``N * H * W == 0``) return an empty output and change nothing.
 
+    With ``momentum=None`` the running second moment is the cumulative average of ``var``
+    over all steps (as ``nn.BatchNorm2d``'s ``momentum=None``).
+
+    Statistics (``running_second_moment``, ``chi2_buffer``, ``psi_buffer``) are float32
+    whatever the input dtype (float64 for float64 inputs and after ``.double()``); ``.half()``
+    and ``.to(torch.bfloat16)`` convert the parameters but keep the statistics in float32. A
+    step whose statistics are not finite leaves the moving-average buffers and running
+    statistics as they were. Empty inputs (``N * H * W == 0``) return an empty output and
+    change nothing.
+
     Args:
         num_features: ``C``.
         eps: added to the second moment for numerical stability.
         momentum: weight of the newest value in the running second moment (PyTorch's
-            convention: 0.02 equals the paper's history weight 0.98).
+            convention: 0.02 equals the paper's history weight 0.98), or None.
         buffer_size: ``m``, the number of recent batch statistics averaged.
         warmup_iters: use batch statistics while ``t < warmup_iters``.
         renorm_start_iter: apply batch renormalisation only after this many iterations.
         renorm_clip: ``r`` is clipped to ``[1 / renorm_clip, renorm_clip]``.
+        backward_moving_average: the backward pass uses the moving average of ``psi`` (the
+            paper). False uses this batch's ``psi_B`` (the paper's ablation); the forward
+            statistics and the buffers are the same either way.
+        centralize_weights: a detectron2 ``Conv2d`` built with this layer as its ``norm``
+            uses centralized weights (``w - mean(w)`` per output channel, see
+            :class:`mabn_d2.CentralizedConv2d`). No effect on the layer's own computation.
         sync: take the batch statistics (``chi2_B``, ``psi_B``) over all processes of
             ``process_group`` like ``nn.SyncBatchNorm``, instead of per process (the paper's
             per-GPU setting, the default). Without an initialised multi-process group it
             behaves exactly as ``sync=False``. In sync mode every process must run each step,
             an empty local input included (it contributes a zero count).
         process_group: the group for ``sync`` (default: the whole world).
+
+    Valid ranges: :data:`mabn_d2.layer.settings.SETTINGS`; a bad value raises ValueError
+    naming the argument.
+
+    Attributes:
+        name: the layer's qualified name in its model, used in messages ("" if unknown; set by
+            mabn_d2 when detectron2 builds a model).
+        converted_from: for a layer filled from another normalization by conversion or
+            checkpoint loading, where its parameters came from (one of
+            ``mabn_d2.finetune.convert.SOURCE_*``); None otherwise. Read by calibration.
 
     Shape:
         input ``(N, C, H, W)``; output: same shape and dtype.
@@ -96,46 +99,66 @@ class MABN2d(nn.Module):
     """
 
     _version = 1
+    _STATISTICS = ("running_second_moment", "chi2_buffer", "psi_buffer")
 
     def __init__(
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: float = 0.02,
+        momentum: float | None = 0.02,
         buffer_size: int = 16,
         warmup_iters: int = 100,
         renorm_start_iter: int = 1000,
         renorm_clip: float = 5.0,
+        backward_moving_average: bool = True,
+        centralize_weights: bool = True,
         sync: bool = False,
         process_group: object | None = None,
     ) -> None:
         super().__init__()
-        _check_hyperparameters(
-            num_features, eps, momentum, buffer_size, warmup_iters, renorm_start_iter,
-            renorm_clip,
-        )
-        self.num_features = num_features
-        self.eps = float(eps)
-        self.momentum = float(momentum)
-        self.buffer_size = buffer_size
-        self.warmup_iters = warmup_iters
-        self.renorm_start_iter = renorm_start_iter
-        self.renorm_clip = float(renorm_clip)
-        self.sync = bool(sync)
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) \
+                or num_features < 1:
+            raise ValueError(f"MABN2d: num_features must be an integer >= 1, got "
+                             f"{num_features!r}")
+        self.num_features = int(num_features)
+        self.eps: float = check_setting("eps", eps)
+        self.momentum: float | None = check_setting("momentum", momentum)
+        self.buffer_size: int = check_setting("buffer_size", buffer_size)
+        self.warmup_iters: int = check_setting("warmup_iters", warmup_iters)
+        self.renorm_start_iter: int = check_setting("renorm_start_iter", renorm_start_iter)
+        self.renorm_clip: float = check_setting("renorm_clip", renorm_clip)
+        self.backward_moving_average: bool = check_setting("backward_moving_average",
+                                                           backward_moving_average)
+        self.centralize_weights: bool = check_setting("centralize_weights", centralize_weights)
+        self.sync: bool = check_setting("sync", sync)
         self.process_group = process_group
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_second_moment", torch.ones(num_features))
-        self.register_buffer("chi2_buffer", torch.zeros(buffer_size, num_features))
-        self.register_buffer("psi_buffer", torch.zeros(buffer_size, num_features))
+        self.name = ""
+        self.converted_from: str | None = None
+        c, m = self.num_features, self.buffer_size
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_second_moment", torch.ones(c))
+        self.register_buffer("chi2_buffer", torch.zeros(m, c))
+        self.register_buffer("psi_buffer", torch.zeros(m, c))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         # Host copy of num_batches_tracked: the step schedule is decided without a sync.
         self._iteration = 0
 
     @property
     def iteration(self) -> int:
-        """``t``: the number of training steps taken (host value, no device sync)."""
+        """``t``: the number of training steps taken (host value, no device sync).
+
+        Assigning it (an integer >= 0) moves the layer's schedule to that step, e.g. to a
+        late step whose moving averages and renorm are on (calibration, benchmarks); it also
+        sets ``num_batches_tracked``."""
         return self._iteration
+
+    @iteration.setter
+    def iteration(self, t: int) -> None:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
+            raise ValueError(f"{self._describe()}: iteration must be an integer >= 0, got {t!r}")
+        self._iteration = int(t)
+        self.num_batches_tracked.fill_(self._iteration)
 
     def reset_running_stats(self) -> None:
         """Forget all statistics: running second moment 1, buffers 0, ``t = 0``."""
@@ -149,6 +172,19 @@ class MABN2d(nn.Module):
         self.reset_running_stats()
         nn.init.ones_(self.weight)
         nn.init.zeros_(self.bias)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MABN2d:
+        # .half() / .to(bfloat16) convert every floating tensor; the statistics stay in their
+        # statistics dtype (float32), converted from the values they had, not from a rounded
+        # half copy (E[x^2] overflows float16 for inputs around 256).
+        before = {name: self._buffers[name] for name in self._STATISTICS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            wanted = statistics_dtype(new.dtype)
+            if new.dtype != wanted:
+                self._buffers[name] = old.to(device=new.device, dtype=wanted)
+        return self
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4:
@@ -168,17 +204,19 @@ class MABN2d(nn.Module):
             )
 
     def _describe(self) -> str:
-        name = getattr(self, "_mabn_name", "")
-        return f"MABN2d({self.num_features})" + (f" '{name}'" if name else "")
+        return f"MABN2d({self.num_features})" + (f" '{self.name}'" if self.name else "")
 
     def _next_step(self) -> MABNStep:
         t = self._iteration + 1
+        use_batch_stats = t <= self.buffer_size or t < self.warmup_iters
         return MABNStep(
             slot=t % self.buffer_size,
-            use_batch_stats=t <= self.buffer_size or t < self.warmup_iters,
+            use_batch_stats=use_batch_stats,
+            backward_batch_stats=use_batch_stats or not self.backward_moving_average,
             renorm=t > max(self.renorm_start_iter, self.warmup_iters),
             renorm_clip=self.renorm_clip,
-            momentum=self.momentum,
+            # momentum=None: cumulative average, the newest of t values weighs 1/t.
+            momentum=self.momentum if self.momentum is not None else 1.0 / t,
             eps=self.eps,
         )
 
@@ -252,9 +290,13 @@ class MABN2d(nn.Module):
             self._iteration = int(self.num_batches_tracked.item())
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"buffer_size={self.buffer_size}, warmup_iters={self.warmup_iters}, "
-            f"renorm_start_iter={self.renorm_start_iter}, renorm_clip={self.renorm_clip}"
-            + (", sync=True" if self.sync else "")
-        )
+        defaults = {setting.name: setting.default for setting in SETTINGS}
+        changed = [f"{name}={getattr(self, name)}" for name in
+                   ("backward_moving_average", "centralize_weights", "sync")
+                   if getattr(self, name) != defaults[name]]
+        return ", ".join([
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}",
+            f"buffer_size={self.buffer_size}, warmup_iters={self.warmup_iters}",
+            f"renorm_start_iter={self.renorm_start_iter}, renorm_clip={self.renorm_clip}",
+            *changed,
+        ])

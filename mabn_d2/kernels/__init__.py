@@ -15,12 +15,13 @@ per-process statistics (not with ``sync``); :func:`use_fused_step` turns it off,
 
 Backends, chosen per call from the tensors (``"auto"``, the default):
 
-* ``"cpp"`` -- C++ kernels (:mod:`mabn_d2.cpu_kernels`) for contiguous CPU tensors;
-* ``"triton"`` -- Triton kernels (:mod:`mabn_d2.triton_kernels`) for contiguous CUDA tensors;
-* ``"plain"`` -- PyTorch ops (:mod:`mabn_d2.plain_kernels`): everything else, and the
+* ``"cpp"`` -- C++ kernels (:mod:`mabn_d2.kernels.cpp`) for contiguous CPU tensors;
+* ``"triton"`` -- Triton kernels (:mod:`mabn_d2.kernels.triton`) for contiguous CUDA tensors;
+* ``"plain"`` -- PyTorch ops (:mod:`mabn_d2.kernels.plain`): everything else, and the
   fallback when the C++ kernels cannot be built or Triton is not installed (with a warning).
 
-All backends keep float32 arithmetic and statistics for half inputs (float64 for float64).
+All backends keep float32 arithmetic and statistics for half inputs (float64 for float64):
+:func:`statistics_dtype` is that rule, for every part of mabn_d2.
 ``MABN_D2_KERNELS=plain`` (or :func:`set_backend` / :func:`use_backend`) forces the plain
 kernels, e.g. to compare; forcing ``"cpp"`` or ``"triton"`` raises where it cannot apply.
 """
@@ -38,10 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import cpu_kernels, plain_kernels
+from . import cpp, plain
 
 __all__ = [
     "BACKENDS",
+    "statistics_dtype",
     "second_moment",
     "channel_affine",
     "grad_reductions",
@@ -61,6 +63,13 @@ _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _backend = "auto"
 _fused_step = True
 _triton_module: ModuleType | None | bool = None  # None: not tried; False: unavailable
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of MABN statistics and per-channel arithmetic for activations (or buffers) of
+    ``dtype``: float64 for float64, float32 for everything else (the squares of half inputs
+    exceed the half range)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def set_backend(name: str) -> None:
@@ -105,7 +114,7 @@ def fused_step_applies(x: Tensor, *state: Tensor) -> bool:
     inputs, float32 otherwise -- as under autocast)."""
     if not _fused_step or _backend not in ("auto", "cpp"):
         return False
-    sdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sdtype = statistics_dtype(x.dtype)
     if not all(t.device.type == "cpu" and t.dtype == sdtype and t.is_contiguous()
                for t in state):
         return False
@@ -116,9 +125,9 @@ def _triton() -> ModuleType | None:
     global _triton_module
     if _triton_module is None:
         try:
-            from . import triton_kernels  # triton is an optional dependency
+            from . import triton as triton_backend  # triton is an optional dependency
 
-            _triton_module = triton_kernels
+            _triton_module = triton_backend
         except Exception as e:  # ImportError, or a triton too old for the kernels
             message = (
                 "mabn_d2: Triton kernels unavailable, using the plain PyTorch kernels on CUDA "
@@ -169,10 +178,10 @@ def _select(*tensors: Tensor) -> tuple[str, Any]:
     """``(name, implementation)`` of the backend for these activation tensors."""
     backend = _backend
     if backend == "plain":
-        return "plain", plain_kernels
+        return "plain", plain
     device = tensors[0].device.type
     fast = _fast_layout(*tensors)
-    if backend in ("auto", "cpp") and device == "cpu" and fast and cpu_kernels.load():
+    if backend in ("auto", "cpp") and device == "cpu" and fast and cpp.load():
         return "cpp", _CppOps
     if backend in ("auto", "triton") and device == "cuda" and fast:
         module = _triton()
@@ -183,9 +192,9 @@ def _select(*tensors: Tensor) -> tuple[str, Any]:
             f"mabn_d2 kernels: backend {backend!r} cannot handle {device} tensors of dtype "
             f"{tensors[0].dtype}, shape {tuple(tensors[0].shape)}, contiguous="
             f"{tensors[0].is_contiguous()}"
-            + (f" (C++ build failed: {cpu_kernels.load_error()})" if backend == "cpp" else "")
+            + (f" (C++ build failed: {cpp.load_error()})" if backend == "cpp" else "")
         )
-    return "plain", plain_kernels
+    return "plain", plain
 
 
 def second_moment(x: Tensor, out_dtype: torch.dtype) -> Tensor:

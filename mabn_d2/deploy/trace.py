@@ -22,7 +22,7 @@ import torch
 from detectron2.structures import Instances
 from torch import Tensor, nn
 
-from .detectron2_patch import import_tracing_adapter
+from ..integration.patch import import_tracing_adapter
 
 __all__ = ["DeployedModel", "trace_for_deployment"]
 

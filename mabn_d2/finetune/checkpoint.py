@@ -1,6 +1,6 @@
 """Loading BN, FrozenBN, norm-less and MABN checkpoints into MABN models.
 
-:mod:`mabn_d2.detectron2_patch` routes detectron2's ``DetectionCheckpointer._load_model`` (so
+:mod:`mabn_d2.integration.patch` routes detectron2's ``DetectionCheckpointer._load_model`` (so
 ``DefaultTrainer``, ``DefaultPredictor`` and any ``DetectionCheckpointer``) through
 :func:`load_model_with_mabn_conversion` when the model has MABN layers. It works on the
 checkpoint's state dict *before* detectron2 and fvcore see it, because both silently drop
@@ -20,7 +20,7 @@ a warning):
    shape or buffer-size mismatches of a norm layer or the conv feeding it, partial MABN
    state, entries of an unknown layout, statistics that match no layer;
 4. detectron2 then loads the converted state dict (other layers as usual) and the report
-   is logged; each MABN layer records its source in ``_mabn_source`` for
+   is logged; each MABN layer records its source in ``converted_from`` for
    :mod:`mabn_d2.calibration`.
 """
 
@@ -41,7 +41,8 @@ from fvcore.common.checkpoint import _strip_prefix_if_present
 from tabulate import tabulate
 from torch import Tensor, nn
 
-from .centralization import CentralizedConv2d
+from ..integration.conv import CentralizedConv2d
+from ..layer import MABN2d
 from .convert import (
     BN_KEYS,
     MABN_KEYS,
@@ -57,7 +58,6 @@ from .convert import (
     has_usable_statistics,
     moving_average_state,
 )
-from .mabn import MABN2d
 
 __all__ = [
     "MABNCheckpointError",
@@ -456,7 +456,7 @@ def load_model_with_mabn_conversion(checkpointer: Any, checkpoint: dict[str, Any
     checkpoint["model"] = converted
     incompatible = load_model(checkpointer, checkpoint)
     for load in report.layers:
-        model.get_submodule(load.name)._mabn_source = load.source
+        model.get_submodule(load.name).converted_from = load.source
     _log_report(report)
     checkpointer.mabn_load_report = report
     return incompatible

@@ -34,15 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import kernels
+from .. import kernels
 
-__all__ = ["MABNStep", "mabn_train", "mabn_eval", "stats_dtype"]
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of statistics for activations of ``dtype``: at least float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
+__all__ = ["MABNStep", "mabn_train", "mabn_eval"]
 
 @dataclass(frozen=True)
 class MABNStep:
@@ -51,7 +45,9 @@ class MABNStep:
     Attributes:
         slot: index ``t mod m`` of the moving-average buffers written this step.
         use_batch_stats: ``t <= m or t < warmup_iters``: normalise with this batch's
-            statistics instead of the moving averages (forward and backward).
+            ``chi2_B`` instead of the moving average.
+        backward_batch_stats: the backward pass uses this batch's ``psi_B`` instead of the
+            moving average (``use_batch_stats``, or the layer's batch-psi ablation).
         renorm: ``t > max(renorm_start_iter, warmup_iters)``: apply the clipped renorm factor.
         renorm_clip: ``r`` is clamped to ``[1 / renorm_clip, renorm_clip]``.
         momentum: weight of the newest value in the running second moment.
@@ -60,6 +56,7 @@ class MABNStep:
 
     slot: int
     use_batch_stats: bool
+    backward_batch_stats: bool
     renorm: bool
     renorm_clip: float
     momentum: float
@@ -137,7 +134,7 @@ class _MABNTrainFunction(torch.autograd.Function):
         with torch.no_grad():
             old = psi_buffer[step.slot]
             psi_buffer[step.slot] = _keep_if_finite(psi_batch, old, finite)
-        psi = psi_batch if step.use_batch_stats else psi_buffer.mean(dim=0)
+        psi = psi_batch if step.backward_batch_stats else psi_buffer.mean(dim=0)
         # dx = (g - z * psi) * inv_std = (w r inv_std) * dy - (psi inv_std^2) * x
         dx = None
         if ctx.needs_input_grad[0]:
@@ -184,7 +181,7 @@ class _FusedMABNTrainFunction(torch.autograd.Function):
         step: MABNStep = ctx.step
         dx, dweight, dbias = torch.ops.mabn_d2.train_backward(
             dy.contiguous(), x, weight.detach(), inv_std, r, ctx.psi_buffer, step.slot,
-            step.use_batch_stats, ctx.finite, ctx.needs_input_grad[0],
+            step.backward_batch_stats, ctx.finite, ctx.needs_input_grad[0],
         )
         return (
             dx if ctx.needs_input_grad[0] else None,

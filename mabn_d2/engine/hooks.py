@@ -20,14 +20,15 @@ from detectron2.config import CfgNode
 from detectron2.engine import HookBase
 from torch import nn
 
-from .calibration import (
+from ..finetune.calibration import (
+    CALIBRATION_MODES,
     calibrate_mabn,
     calibrate_mabn_backward,
     layers_to_calibrate,
     mabn_layers,
     precise_mabn_stats,
 )
-from .config import calibration_from_cfg
+from ..integration.config import calibration_from_cfg
 
 __all__ = ["MABNCalibrationHook", "MABNPreciseBN", "build_mabn_hooks"]
 
@@ -52,8 +53,8 @@ class MABNCalibrationHook(HookBase):
             backward: also fill ``psi_buffer`` (:func:`mabn_d2.calibrate_mabn_backward`,
                 ``MODEL.MABN.CALIBRATION.BACKWARD``).
         """
-        if mode not in ("auto", "always", "never"):
-            raise ValueError(f"MABNCalibrationHook: mode must be 'auto', 'always' or 'never', "
+        if mode not in CALIBRATION_MODES:
+            raise ValueError(f"MABNCalibrationHook: mode must be one of {CALIBRATION_MODES}, "
                              f"got {mode!r}")
         self._model = model
         self._data = data_loader

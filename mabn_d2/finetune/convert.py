@@ -32,7 +32,7 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import Tensor, nn
 
-from .mabn import MABN2d
+from ..layer import MABN2d
 
 __all__ = [
     "SOURCE_BN_EPS",
@@ -49,7 +49,7 @@ __all__ = [
     "has_usable_statistics",
 ]
 
-# Where an MABN layer's parameters came from (the attribute ``_mabn_source`` of the layer,
+# Where an MABN layer's parameters came from (its attribute ``converted_from``,
 # set by conversion and checkpoint loading; read by calibration).
 SOURCE_MABN = "mabn"  # an MABN checkpoint: real MABN statistics
 SOURCE_BN = "bn"  # a BN layer with statistics: exact fold
@@ -172,7 +172,7 @@ def convert_bn_to_mabn(module: nn.Module, **mabn_kwargs) -> nn.Module:
     Convolutions are left as they are (centralize them with
     :func:`mabn_d2.centralize_convs_feeding_mabn` if wanted: that changes their function).
     A BN without running statistics (or with a FrozenBN's identity statistics) gets
-    ``running_second_moment = 1`` and the attribute ``_mabn_source = "affine"``, telling
+    ``running_second_moment = 1`` and ``converted_from = "affine"``, telling
     :func:`mabn_d2.calibrate_mabn` that it needs calibration; the others get ``"bn"``
     (``"new"`` for a BN with ``track_running_stats=False``: gamma and beta carry over).
 
@@ -225,7 +225,7 @@ def _convert_one(bn: nn.Module, mabn_kwargs: dict) -> MABN2d:
     mabn.weight.requires_grad_(trainable)
     mabn.bias.requires_grad_(trainable)
     mabn.train(bn.training)
-    mabn._mabn_source = source
+    mabn.converted_from = source
     return mabn
 
 

@@ -272,7 +272,7 @@ class OutputCache final : public c10::Allocator {
   std::mutex mutex_;
   // size -> (block, when freed): best fit by size, eviction by age (a few dozen entries).
   std::multimap<size_t, std::pair<void*, uint64_t>> free_;
-  std::atomic<size_t> limit_{size_t{1024} << 20};  // mabn_d2.cpu_kernels sets it on load
+  std::atomic<size_t> limit_{size_t{1024} << 20};  // mabn_d2.kernels.cpp sets it on load
   size_t cached_ = 0;
   size_t in_use_ = 0;
   uint64_t clock_ = 0;

@@ -1,0 +1,76 @@
+"""Helpers of the tests, in one place: where the repository and the real COCO subset lie, and
+small models and tools shared by several test files."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+COCO_MINI = Path(os.environ.get("MABN_D2_COCO_MINI", REPO.parent / "shared" / "data" / "coco_mini"))
+
+
+def require_coco_mini() -> Path:
+    """The coco_mini root; skip (fresh clone without ../shared) or fail (CI=true) if absent."""
+    if (COCO_MINI / "coco" / "annotations" / "instances_train2017.json").is_file():
+        return COCO_MINI
+    reason = (
+        f"the real COCO subset is not at {COCO_MINI} (expected ../shared/data/coco_mini beside "
+        "the repository, or MABN_D2_COCO_MINI)"
+    )
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true: {reason}")
+    pytest.skip(reason)
+
+
+def small_backbone_cfg(norm: str, **mabn):
+    """A ResNet-18 backbone (``build_backbone``), 4 stages, ``norm`` in every block."""
+    from detectron2.config import get_cfg  # not at import: conftest sets the data paths first
+
+    from mabn_d2 import add_mabn_config
+
+    cfg = add_mabn_config(get_cfg())
+    cfg.merge_from_list(["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+                         "MODEL.RESNETS.NORM", norm, "MODEL.BACKBONE.FREEZE_AT", "0",
+                         "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']"])
+    for key, value in mabn.items():
+        setattr(cfg.MODEL.MABN, key, value)
+    return cfg
+
+
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def set_bn_statistics(model: nn.Module, batches: list[list[dict]]) -> None:
+    """Give every BatchNorm the cumulative statistics of ``batches`` (training forward with
+    ``momentum=None``), as a converged BN model has."""
+    from finetune_start_study import total_loss  # tools/ is on the tests' path
+
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            total_loss(model, batch)
+    for bn in bns:
+        bn.momentum = 0.1
+
+
+def run_tool(*args: str) -> tuple[int, str]:
+    """``tools/convert_checkpoint.py ARGS`` in this process: (exit code, stdout + stderr)."""
+    import convert_checkpoint as tool  # tools/ is on the tests' path (pyproject.toml)
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = tool.main(list(args))
+    return code, out.getvalue()
