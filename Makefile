@@ -28,9 +28,16 @@ test: venv
 # (measured side by side under a load of ~7: 18 s/iteration with 2 threads, 3 s with 1);
 # on an idle machine DEMO_THREADS=2 may be faster.
 DEMO_THREADS ?= 1
+DEMO_CONFIG := configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml
 demo: venv
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) tools/train_net.py \
-		--config-file configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml OUTPUT_DIR $(DEMO_OUT)
+		--config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUT)
+	# Pictures: 8 held-out images, ground truth (left) beside the predictions (right).
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) tools/predict.py --config-file $(DEMO_CONFIG) \
+		--dataset mabn_demo_shapes_val --num-images 8 --output $(DEMO_OUT)/predictions \
+		--opts MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth > $(DEMO_OUT)/predictions.txt
+	@echo "prediction pictures: $(DEMO_OUT)/predictions/ (detections: $(DEMO_OUT)/predictions.txt)"
+	$(PY) tools/plot_training_curves.py $(DEMO_OUT)/metrics.json
 
 # Speed/memory of MABN vs BN/GN (docs/speed.md); e.g. make benchmark BENCH_ARGS=--quick
 BENCH_ARGS ?=
