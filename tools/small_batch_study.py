@@ -507,7 +507,7 @@ def plot_results(rows: Sequence[dict], runs: Sequence[dict], path: Path, title: 
 def plot_study_batch_stats(json_path: Path, png: Path) -> None:
     """Curves of the recorded layer's four statistics, one per method (seed 0), drawn by
     ``tools/plot_batch_stats.py`` from the study's JSON."""
-    import plot_batch_stats  # beside this script (sys.path[0] when run as a script)
+    import plot_batch_stats  # beside this script: importable when the study runs as a script
 
     plot_batch_stats.main(["--study", str(json_path), "--out", str(png)])
 
