@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -336,3 +337,22 @@ def test_triton_kernels_under_the_interpreter():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def test_cpp_build_name_covers_every_source_and_header(tmp_path, monkeypatch):
+    # The cached build is found by a digest of csrc/: an edit to any file must rebuild.
+    csrc = tmp_path / "csrc"
+    shutil.copytree(cpp._CSRC, csrc)
+    monkeypatch.setattr(cpp, "_CSRC", csrc)
+    assert [p.name for p in cpp._sources()] == sorted(p.name for p in csrc.glob("*.cpp"))
+    files = sorted([*csrc.glob("*.cpp"), *csrc.glob("*.h")])
+    assert len(files) > 2
+    flags = ["-O3"]
+    digest = cpp._digest(flags)
+    for f in files:
+        text = f.read_text()
+        f.write_text(text + "\n")
+        assert cpp._digest(flags) != digest, f.name
+        f.write_text(text)
+    assert cpp._digest(flags) == digest
+    assert cpp._digest(["-O2"]) != digest

@@ -1,10 +1,12 @@
-"""The C++ CPU kernels (``csrc/mabn_cpu.cpp``): compiled on first use, cached, or absent.
+"""Backend "cpp": the C++ CPU kernels (``csrc/``), compiled on first use, cached, or absent.
 
-The extension is built with :func:`torch.utils.cpp_extension.load` the first time MABN runs on
-the CPU in a process (about 10 s with gcc; ninja is required), and cached in PyTorch's
-extension directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), so later
-processes only load it. If the build fails, a warning says why and :mod:`mabn_d2.kernels` uses
-the plain PyTorch kernels instead -- slower, never silently.
+Every ``csrc/*.cpp`` is one translation unit of the extension ``mabn_d2_cpp_<digest>``, built
+with :func:`torch.utils.cpp_extension.load` the first time MABN runs on the CPU in a process
+(ninja is required; it compiles the units in parallel; docs/speed.md says how long it takes),
+and cached in PyTorch's extension directory (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``), so later processes only load it. If the build fails, a warning
+says why and :mod:`mabn_d2.kernels` uses the plain PyTorch kernels instead -- slower, never
+silently.
 
 Its ops are registered with the dispatcher as ``torch.ops.mabn_d2.*`` (no pybind11 module).
 """
@@ -33,7 +35,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "mabn_cpu.cpp"
+_CSRC = Path(__file__).with_name("csrc")
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {"tried": False, "ok": False, "error": None}
 
@@ -95,22 +97,32 @@ def load() -> bool:
     return bool(_STATE["ok"])
 
 
+def _sources() -> list[Path]:
+    """The translation units, in a fixed order."""
+    return sorted(_CSRC.glob("*.cpp"))
+
+
+def _digest(cflags: list[str]) -> str:
+    """One cache entry per (text and path of every source and header, flags, torch): any edit
+    rebuilds, and checkouts of different versions, or the same version in two places (a CI
+    clone), never rebuild over each other."""
+    files = sorted([*_CSRC.glob("*.cpp"), *_CSRC.glob("*.h")])
+    parts = [part for f in files for part in (str(f), f.read_text())]
+    text = "\0".join([*parts, *cflags, torch.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def _build() -> None:
     from torch.utils import cpp_extension  # heavy; only when building
 
     _ensure_ninja()
     cflags = ["-O3", "-fopenmp", *_isa_flags()]
-    # One cache entry per (source text, source path, flags, torch): checkouts of different
-    # versions, or the same version in two places (a CI clone), never rebuild over each other.
-    digest = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), str(_SOURCE), *cflags, torch.__version__]).encode()
-    ).hexdigest()[:12]
-    name = f"mabn_d2_cpu_{digest}"
+    name = f"mabn_d2_cpp_{_digest(cflags)}"
     logger.info("mabn_d2: building/loading the C++ CPU kernels %s (cached after the first build)",
                 name)
     cpp_extension.load(
         name=name,
-        sources=[str(_SOURCE)],
+        sources=[str(f) for f in _sources()],
         extra_cflags=cflags,
         # libgomp.so.1 resolves to the copy torch already loaded: one OpenMP runtime.
         extra_ldflags=["-fopenmp"],
