@@ -30,6 +30,7 @@ import pickle
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -177,7 +178,7 @@ def finetune(cfg, weights: str | None, batches: list, calibration: list, mode: s
     return train_steps(model, batches, lr=0.01)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrain-iters", type=int, default=300)
     parser.add_argument("--iters", type=int, default=30, help="fine-tuning iterations")
@@ -188,7 +189,12 @@ def main() -> None:
                         help="run only the starts whose name contains this (repeatable)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "mabn_ft_study"),
                         help="keeps the pretrained checkpoints: a rerun skips pretraining")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for key in ("pretrain_iters", "iters", "calibration_batches", "last"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.last > args.iters:
+        parser.error(f"--last ({args.last}) must be <= --iters ({args.iters})")
     start = time.time()
     bn_cfg = small_rcnn_cfg("BN")
     tmp = Path(args.workdir)

@@ -19,6 +19,7 @@ from detectron2.evaluation import COCOEvaluator
 from tabulate import tabulate
 
 from ..data.annotation_checks import describe_invalid, find_invalid_annotations, without_annotations
+from ..file_io import atomic_write
 
 __all__ = [
     "CheckedCOCOEvaluator",
@@ -100,8 +101,9 @@ def save_eval_results(results: Mapping[str, Mapping[str, Mapping[str, float]]], 
         for dataset, per_task in results.items()
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(clean, f, indent=2)
+    content = json.dumps(clean, indent=2).encode()
+    # Whole or not at all: tools/detection_comparison.py takes a present file as a finished run.
+    atomic_write(path, lambda f: f.write(content))
 
 
 def summary_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
