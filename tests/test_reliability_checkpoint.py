@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 
 import pytest
 import torch
@@ -92,6 +93,18 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, caplog, damage):
         torch.testing.assert_close(value, good[key], rtol=0, atol=0)
     assert f"Cannot read checkpoint {final}" in caplog.text
     assert f"Resuming from {tmp_path / 'model_0000009.pth'}" in caplog.text
+
+
+class Custom:
+    """Not loadable with ``torch.load(weights_only=True)``."""
+
+
+def test_resume_does_not_skip_a_complete_checkpoint_that_torch_refuses(tmp_path):
+    writer = AtomicCheckpointer(net(0), str(tmp_path))
+    writer.save("model_0000009", iteration=9)
+    writer.save("model_final", iteration=19, extra=Custom())
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        AtomicCheckpointer(net(1), str(tmp_path)).resume_or_load("", resume=True)
 
 
 def test_resume_without_any_readable_checkpoint_is_a_clear_error(tmp_path):

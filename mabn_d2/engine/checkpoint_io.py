@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -44,6 +45,12 @@ class NoReadableCheckpointError(RuntimeError):
 
 def _is_local(folder: str) -> bool:
     return "://" not in folder
+
+
+def _refused_not_damaged(error: Exception) -> bool:
+    """torch.load's refusal of a complete file holding objects that ``weights_only`` loading
+    does not allow: an error to show, not a damaged file to skip."""
+    return isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error)
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -128,6 +135,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
             try:
                 self._read_ahead[candidate] = self._load_file(candidate)
             except Exception as error:  # any reader failure: truncated zip, EOF, pickle, ...
+                if _refused_not_damaged(error):
+                    raise
                 failures.append(f"{candidate}: {type(error).__name__}: {error}")
                 logger.warning("Cannot read checkpoint %s (%s: %s); it is damaged or "
                                "incomplete (e.g. a kill during its save). Trying the previous "
