@@ -296,7 +296,10 @@ def calibrate_mabn(
 
     Args:
         model: a model with MABN layers (DDP-wrapped or not).
-        data: an iterable of model inputs (e.g. detectron2's training data loader).
+        data: an iterable of model inputs, e.g. ``read_batches(loader, num_batches)``. To
+            run :func:`calibrate_mabn_backward` too, give both the same list: a second pass
+            over a detectron2 training loader whose first pass stopped early can hang (see
+            :func:`read_batches`).
         num_batches: how many batches to use (fewer if ``data`` ends first).
         layers: names (as in ``model.named_modules()``, DDP unwrapped) or ``{name: layer}``;
             default: every MABN layer.
