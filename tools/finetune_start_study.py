@@ -42,6 +42,8 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from mabn_d2 import add_mabn_config
+from mabn_d2.engine.checkpoint_io import AtomicCheckpointer
+from mabn_d2.file_io import atomic_write
 from mabn_d2.finetune.calibration import (
     calibrate_mabn,
     calibrate_mabn_backward,
@@ -157,8 +159,8 @@ def write_c2_resnet_pkl(bottom_up: nn.Module, path: Path) -> None:
         blobs[c2_name(key)] = value.detach().numpy().copy()
     blobs["fc1000_w"] = torch.randn(1000, 512).numpy()
     blobs["fc1000_b"] = torch.zeros(1000).numpy()
-    with open(path, "wb") as f:
-        pickle.dump({"blobs": blobs, "__author__": "mabn_d2 tests (MSRA R-50.pkl layout)"}, f)
+    data = {"blobs": blobs, "__author__": "mabn_d2 tests (MSRA R-50.pkl layout)"}
+    atomic_write(str(path), lambda f: pickle.dump(data, f))
 
 
 
@@ -212,8 +214,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"BN pretraining on coco_2017_val, {args.pretrain_iters} iterations: loss "
               f"{losses[0]:.3f} -> {sum(losses[-20:]) / 20:.3f} (mean of last 20), "
               f"{time.time() - start:.0f} s", flush=True)
-        DetectionCheckpointer(bn, str(tmp)).save("coco_bn")
+        # R-18.pkl first, each file atomically: a present coco_bn.pth (which makes a rerun
+        # skip the pretraining) means both are complete, even after a kill.
         write_c2_resnet_pkl(bn.backbone.bottom_up, tmp / "R-18.pkl")
+        AtomicCheckpointer(bn, str(tmp)).save("coco_bn")
 
     batches = coco_batches(bn_cfg, args.iters + args.calibration_batches)
     calibration, batches = batches[:args.calibration_batches], batches[args.calibration_batches:]
