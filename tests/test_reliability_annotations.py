@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
@@ -129,7 +130,7 @@ def perfect_predictions(coco: dict, image_id: int) -> Instances:
     return Instances((64, 64), pred_boxes=Boxes(torch.tensor(boxes)),
                      scores=torch.ones(len(anns)),
                      pred_classes=torch.tensor([a["category_id"] - 1 for a in anns]),
-                     pred_masks=torch.tensor(masks).bool())
+                     pred_masks=torch.from_numpy(np.stack(masks)).bool())
 
 
 def test_coco_evaluation_leaves_malformed_ground_truth_out(broken_json, tmp_path, caplog):
