@@ -6,6 +6,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,3 +78,18 @@ def run_tool(*args: str) -> tuple[int, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         code = tool.main(list(args))
     return code, out.getvalue()
+
+
+def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float,
+                 what: str) -> None:
+    """``kill -9`` ``proc`` as soon as ``ready()``; fail if it ends first or ``timeout`` passes
+    (``what`` names the awaited moment in the failure). The process is killed in any case."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"the run ended before {what}"
+            assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

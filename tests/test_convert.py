@@ -246,12 +246,13 @@ def test_tool_folds_affine_only_norms_on_request(tmp_path):
     code, output = run_tool(str(tmp_path / "affine.pth"), str(tmp_path / "kept.pth"))
     assert code == 0 and "0 norm layers converted" in output  # weight/bias alone: could be GN
     code, output = run_tool(str(tmp_path / "affine.pth"), str(tmp_path / "folded.pth"),
-                            "--affine", "--eps", "0")
+                            "--affine", "--eps", "1e-3")
     assert code == 0 and "1 norm layers converted to MABN {'affine': 1}" in output
     converted = torch.load(tmp_path / "folded.pth")
     assert converted["mabn_d2_sources"] == {"bn": SOURCE_AFFINE}
     model = converted["model"]
     torch.testing.assert_close(model["bn.running_second_moment"], torch.ones(3))
-    # eps 0 in MABN, 1e-5 in the source BN: weight = gamma / sqrt(1 + 1e-5).
-    torch.testing.assert_close(model["bn.weight"], state["bn.weight"] / (1 + 1e-5) ** 0.5)
+    # eps 1e-3 in MABN, 1e-5 in the source BN: weight = gamma * sqrt(1 + 1e-3) / sqrt(1 + 1e-5).
+    torch.testing.assert_close(model["bn.weight"],
+                               state["bn.weight"] * ((1 + 1e-3) / (1 + 1e-5)) ** 0.5)
     torch.testing.assert_close(model["bn.bias"], state["bn.bias"])

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import REPO, sigkill_when
 
 WORKER = REPO / "tests" / "resume_worker.py"
 TOTAL = 8
@@ -56,15 +54,7 @@ def test_sigkill_after_checkpoint_then_resume_reproduces_the_uninterrupted_run(
     proc = subprocess.Popen(command(tmp_path / "killed.jsonl", killed, "SOLVER.MAX_ITER", 1000),
                             env=env(coco_mini), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    try:
-        while not (killed / "last_checkpoint").is_file():
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint written in time"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    sigkill_when(proc, (killed / "last_checkpoint").is_file, 300, "its first checkpoint")
     checkpoint = (killed / "last_checkpoint").read_text().strip()
     assert checkpoint == "model_0000003.pth"
 

@@ -500,10 +500,13 @@ def environment(device: torch.device) -> dict:
 def parse_shapes(text: list[str] | None, quick: bool) -> list[tuple[int, ...]]:
     if not text:
         return QUICK_SHAPES if quick else LAYER_SHAPES
-    shapes = [tuple(int(v) for v in s.split(",")) for s in text]
+    try:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in text]
+    except ValueError:
+        raise SystemExit(f"--shapes: expected integers N,C,H,W, got {text}") from None
     for s in shapes:
-        if len(s) != 4:
-            raise SystemExit(f"--shapes: expected N,C,H,W, got {s}")
+        if len(s) != 4 or min(s) < 1:
+            raise SystemExit(f"--shapes: expected N,C,H,W, each >= 1, got {s}")
     return shapes
 
 
@@ -538,6 +541,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reuse-memory", action="store_true",
                         help="CPU: restart with glibc keeping freed memory (no fresh pages)")
     args = parser.parse_args(argv)
+    for key in ("repeats", "model_repeats", "image_size", "threads"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
     if args.reuse_memory and argv is None:
         restart_reusing_memory()
 

@@ -33,12 +33,15 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 from torch import nn
 
-from mabn_d2.finetune.checkpoint import SOURCES_KEY
+from mabn_d2.file_io import atomic_write
+from mabn_d2.finetune.checkpoint import SOURCES_KEY, MABNCheckpointError, check_finite
 from mabn_d2.finetune.convert import (
     MOVING_AVERAGE_KEYS,
     SOURCE_BN_EPS,
+    check_bn_eps,
     convert_bn_state_dict,
 )
+from mabn_d2.layer.settings import check_setting
 
 _NORM_NAME = re.compile(r"(^|\.)(norm|bn\d*)$")
 
@@ -103,9 +106,12 @@ def convert_file(src: str, dst: str, *, buffer_size: int | None = None, eps: flo
     converted, sources = convert_bn_state_dict(
         state, affine_modules=affine_modules, bn_eps=bn_eps, mabn_eps=eps,
         buffer_size=buffer_size)
+    check_finite(converted, "The conversion", "Nothing was written. The input has such values, "
+                 "or a BN channel has running_var + --bn-eps = 0 (give the source layers' eps).")
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": converted, "__author__": "mabn_d2 tools/convert_checkpoint.py",
-                "matching_heuristics": heuristics, SOURCES_KEY: sources}, dst)
+    data = {"model": converted, "__author__": "mabn_d2 tools/convert_checkpoint.py",
+            "matching_heuristics": heuristics, SOURCES_KEY: sources}
+    atomic_write(dst, lambda f: torch.save(data, f))  # an interrupted run leaves dst intact
     return sources
 
 
@@ -127,13 +133,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "num_batches_tracked: fine-tuning restarts them (any buffer size)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # detectron2's renaming log
-    if args.buffer_size is not None and args.buffer_size < 1:
-        parser.error("--buffer-size must be >= 1")
+    try:
+        if args.buffer_size is not None:
+            check_setting("buffer_size", args.buffer_size, "--buffer-size")
+        check_setting("eps", args.eps, "--eps")
+        check_bn_eps(args.bn_eps, "--bn-eps")
+    except ValueError as error:
+        parser.error(str(error))
     try:
         sources = convert_file(args.input, args.output, buffer_size=args.buffer_size,
                                eps=args.eps, bn_eps=args.bn_eps, affine=args.affine,
                                reset_moving_averages=args.reset_moving_averages)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, MABNCheckpointError) as error:
         print(f"convert_checkpoint: {error}", file=sys.stderr)
         return 1
     counts = {s: sum(1 for v in sources.values() if v == s) for s in sorted(set(sources.values()))}

@@ -30,6 +30,7 @@ import pickle
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -41,6 +42,8 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from mabn_d2 import add_mabn_config
+from mabn_d2.engine.checkpoint_io import AtomicCheckpointer
+from mabn_d2.file_io import atomic_write
 from mabn_d2.finetune.calibration import (
     calibrate_mabn,
     calibrate_mabn_backward,
@@ -156,8 +159,8 @@ def write_c2_resnet_pkl(bottom_up: nn.Module, path: Path) -> None:
         blobs[c2_name(key)] = value.detach().numpy().copy()
     blobs["fc1000_w"] = torch.randn(1000, 512).numpy()
     blobs["fc1000_b"] = torch.zeros(1000).numpy()
-    with open(path, "wb") as f:
-        pickle.dump({"blobs": blobs, "__author__": "mabn_d2 tests (MSRA R-50.pkl layout)"}, f)
+    data = {"blobs": blobs, "__author__": "mabn_d2 tests (MSRA R-50.pkl layout)"}
+    atomic_write(str(path), lambda f: pickle.dump(data, f))
 
 
 
@@ -177,7 +180,7 @@ def finetune(cfg, weights: str | None, batches: list, calibration: list, mode: s
     return train_steps(model, batches, lr=0.01)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrain-iters", type=int, default=300)
     parser.add_argument("--iters", type=int, default=30, help="fine-tuning iterations")
@@ -188,7 +191,12 @@ def main() -> None:
                         help="run only the starts whose name contains this (repeatable)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "mabn_ft_study"),
                         help="keeps the pretrained checkpoints: a rerun skips pretraining")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for key in ("pretrain_iters", "iters", "calibration_batches", "last"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.last > args.iters:
+        parser.error(f"--last ({args.last}) must be <= --iters ({args.iters})")
     start = time.time()
     bn_cfg = small_rcnn_cfg("BN")
     tmp = Path(args.workdir)
@@ -206,8 +214,10 @@ def main() -> None:
         print(f"BN pretraining on coco_2017_val, {args.pretrain_iters} iterations: loss "
               f"{losses[0]:.3f} -> {sum(losses[-20:]) / 20:.3f} (mean of last 20), "
               f"{time.time() - start:.0f} s", flush=True)
-        DetectionCheckpointer(bn, str(tmp)).save("coco_bn")
+        # R-18.pkl first, each file atomically: a present coco_bn.pth (which makes a rerun
+        # skip the pretraining) means both are complete, even after a kill.
         write_c2_resnet_pkl(bn.backbone.bottom_up, tmp / "R-18.pkl")
+        AtomicCheckpointer(bn, str(tmp)).save("coco_bn")
 
     batches = coco_batches(bn_cfg, args.iters + args.calibration_batches)
     calibration, batches = batches[:args.calibration_batches], batches[args.calibration_batches:]

@@ -529,10 +529,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     args = parser.parse_args(argv)
-    for key in ("seeds", "epochs"):
+    for key in ("seeds", "epochs", "threads"):
         value = getattr(args, key)
         if value is not None and value < 1:
-            parser.error(f"--{key} must be >= 1")
+            parser.error(f"--{key} must be >= 1, got {value}")
+    if args.record_every < 0:
+        parser.error(f"--record-every must be >= 0 (0: off), got {args.record_every}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     return args
 
 

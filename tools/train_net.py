@@ -24,19 +24,23 @@ from __future__ import annotations
 
 import argparse
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser
 
 import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
 from mabn_d2.engine import MABNTrainer, setup_from_args
+from mabn_d2.engine.checkpoint_io import AtomicCheckpointer
 from mabn_d2.engine.launch import launch  # detectron2's launch; gloo processes without CUDA
+from mabn_d2.engine.output_lock import OutputDirBusyError
 
 
 def main(args: argparse.Namespace):
-    cfg = setup_from_args(args)
+    try:
+        cfg = setup_from_args(args)
+    except OutputDirBusyError as error:
+        raise SystemExit(f"train_net.py: {error}") from None
     if args.eval_only:
         model = MABNTrainer.build_model(cfg)
-        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
             raise SystemExit(
                 "--eval-only needs weights: MODEL.WEIGHTS path/to/model.pth, or --resume with "

@@ -7,24 +7,54 @@ with detectron2's ``register_coco_instances`` and can then be named in ``DATASET
     DATASETS.REGISTER_COCO "[['my_train', 'ann/train.json', 'images/'], \
                              ['my_val', 'ann/val.json', 'images/']]" \
     DATASETS.TRAIN "('my_train',)" DATASETS.TEST "('my_val',)" MODEL.ROI_HEADS.NUM_CLASSES 3
+
+Each JSON is checked when it is registered (:mod:`mabn_d2.data.annotation_checks`): a
+malformed annotation is an error naming it and its image, before anything trains. With
+``DATASETS.DROP_INVALID_ANNOTATIONS True`` they are left out instead, with a warning: the
+dataset is registered from a copy without them, ``OUTPUT_DIR/checked_annotations/<name>.json``,
+which training and COCO evaluation both read.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-__all__ = ["add_dataset_config", "register_coco_from_cfg", "check_num_classes"]
+from ..file_io import atomic_write
+from .annotation_checks import describe_invalid, find_invalid_annotations, without_annotations
+
+__all__ = ["add_dataset_config", "register_coco_from_cfg", "check_num_classes",
+           "drop_invalid_annotations", "CHECKED_ANNOTATIONS_DIR"]
+
+logger = logging.getLogger(__name__)
+
+# Under OUTPUT_DIR: the copies of REGISTER_COCO JSONs without their invalid annotations.
+CHECKED_ANNOTATIONS_DIR = "checked_annotations"
 
 
 def add_dataset_config(cfg: CfgNode) -> CfgNode:
-    """Add ``DATASETS.REGISTER_COCO`` (default ``[]``) to ``cfg`` in place; returns ``cfg``."""
+    """Add ``DATASETS.REGISTER_COCO`` (default ``[]``) and ``DATASETS.DROP_INVALID_ANNOTATIONS``
+    (default False: a malformed annotation is an error) to ``cfg`` in place; returns
+    ``cfg``."""
     if "REGISTER_COCO" not in cfg.DATASETS:
         cfg.DATASETS.REGISTER_COCO = []
+    if "DROP_INVALID_ANNOTATIONS" not in cfg.DATASETS:
+        cfg.DATASETS.DROP_INVALID_ANNOTATIONS = False
     return cfg
+
+
+def drop_invalid_annotations(cfg: CfgNode) -> bool:
+    """The validated ``DATASETS.DROP_INVALID_ANNOTATIONS`` (False where it is absent)."""
+    value = cfg.DATASETS.get("DROP_INVALID_ANNOTATIONS", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"DATASETS.DROP_INVALID_ANNOTATIONS must be True or False, got "
+                         f"{value!r}")
+    return value
 
 
 def _entry(entry: object) -> tuple[str, str, str]:
@@ -48,24 +78,68 @@ def _entry(entry: object) -> tuple[str, str, str]:
     return name, json_file, image_root
 
 
+def _checked_json(name: str, json_file: str, drop: bool, output_dir: str) -> str:
+    """``json_file`` if all its annotations are valid; with ``drop``, the path of a copy
+    without the invalid ones (written under ``output_dir``); else ValueError naming them."""
+    with open(json_file) as f:
+        try:
+            coco = json.load(f)
+        except ValueError as error:
+            raise ValueError(f"DATASETS.REGISTER_COCO {name!r}: {json_file} is not valid JSON: "
+                             f"{error}") from None
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
+        raise ValueError(f"DATASETS.REGISTER_COCO {name!r}: {json_file} is not a COCO "
+                         "instances file (a JSON object with 'images', 'annotations' and "
+                         "'categories' lists)")
+    invalid = find_invalid_annotations(coco)
+    if not invalid:
+        return json_file
+    if not drop:
+        raise ValueError(
+            f"DATASETS.REGISTER_COCO {name!r}: {len(invalid)} malformed annotations in "
+            f"{json_file}:\n{describe_invalid(invalid)}\nFix them in the file, or add "
+            "'DATASETS.DROP_INVALID_ANNOTATIONS True' to leave them out of training and "
+            "evaluation.")
+    checked = os.path.join(os.path.abspath(output_dir or "."), CHECKED_ANNOTATIONS_DIR,
+                           f"{name}.json")
+    os.makedirs(os.path.dirname(checked), exist_ok=True)
+    content = json.dumps(without_annotations(coco, invalid)).encode()
+    atomic_write(checked, lambda f: f.write(content))
+    logger.warning("DATASETS.REGISTER_COCO %r: left out %d malformed annotations of %s "
+                   "(DATASETS.DROP_INVALID_ANNOTATIONS); registered from %s:\n%s", name,
+                   len(invalid), json_file, checked, describe_invalid(invalid))
+    return checked
+
+
 def register_coco_from_cfg(cfg: CfgNode) -> list[str]:
     """Register every dataset of ``cfg.DATASETS.REGISTER_COCO``; return their names.
 
-    Registering the same name with the same files again is a no-op (set-up may run twice in
-    one process); a name already used for anything else is an error.
+    Each JSON is checked first (see the module docstring). Registering the same name with the
+    same files again is a no-op (set-up may run twice in one process); a name already used
+    for anything else is an error.
+
+    Raises:
+        ValueError: a bad entry, or malformed annotations (naming each annotation id and image)
+            without ``DATASETS.DROP_INVALID_ANNOTATIONS``.
+        FileNotFoundError: a JSON file or image folder that does not exist.
     """
+    drop = drop_invalid_annotations(cfg)
     names = []
     for entry in cfg.DATASETS.get("REGISTER_COCO", []):
         name, json_file, image_root = _entry(entry)
         if name in DatasetCatalog.list():
             meta = MetadataCatalog.get(name)
-            if (meta.get("json_file"), meta.get("image_root")) != (json_file, image_root):
+            registered = meta.get("source_json_file", meta.get("json_file"))
+            if (registered, meta.get("image_root")) != (json_file, image_root):
                 raise ValueError(
                     f"DATASETS.REGISTER_COCO: the name {name!r} is already registered (to "
-                    f"{meta.get('json_file')!r}); choose another name"
+                    f"{registered!r}); choose another name"
                 )
         else:
-            register_coco_instances(name, {}, json_file, image_root)
+            checked = _checked_json(name, json_file, drop, cfg.OUTPUT_DIR)
+            register_coco_instances(name, {}, checked, image_root)
+            if checked != json_file:
+                MetadataCatalog.get(name).set(source_json_file=json_file)
         names.append(name)
     return names
 

@@ -18,7 +18,11 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from tabulate import tabulate
 
+from ..data.annotation_checks import describe_invalid, find_invalid_annotations, without_annotations
+from ..file_io import atomic_write
+
 __all__ = [
+    "CheckedCOCOEvaluator",
     "has_compiled_coco_eval",
     "build_coco_evaluator",
     "save_eval_results",
@@ -38,10 +42,28 @@ def has_compiled_coco_eval() -> bool:
     return all(hasattr(_C, op) for op in ("COCOevalAccumulate", "COCOevalEvaluateImages"))
 
 
+class CheckedCOCOEvaluator(COCOEvaluator):
+    """detectron2's ``COCOEvaluator`` whose ground truth leaves out malformed annotations
+    (:func:`mabn_d2.data.annotation_checks.find_invalid_annotations`), with a warning naming
+    them: pycocotools' evaluation would crash on them after the whole inference."""
+
+    def __init__(self, dataset_name: str, *args, **kwargs) -> None:
+        super().__init__(dataset_name, *args, **kwargs)
+        gt = self._coco_api
+        invalid = find_invalid_annotations(gt.dataset) if self._do_evaluation else []
+        if invalid:
+            logger.warning("COCO evaluation of %s leaves out %d malformed ground-truth "
+                           "annotations:\n%s", dataset_name, len(invalid),
+                           describe_invalid(invalid))
+            gt.dataset = without_annotations(gt.dataset, invalid)
+            gt.createIndex()
+
+
 def build_coco_evaluator(
     cfg: CfgNode, dataset_name: str, output_folder: str | None = None
 ) -> COCOEvaluator:
-    """A COCOEvaluator for ``dataset_name``: boxes, plus masks when ``MODEL.MASK_ON``.
+    """A :class:`CheckedCOCOEvaluator` for ``dataset_name``: boxes, plus masks when
+    ``MODEL.MASK_ON``.
 
     Raises:
         ValueError: the dataset is not in COCO format (its ``evaluator_type`` is not "coco").
@@ -59,7 +81,7 @@ def build_coco_evaluator(
             "%s with pycocotools' official COCOeval (COCOEvaluator(use_fast_impl=False))",
             dataset_name,
         )
-    return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=fast)
+    return CheckedCOCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=fast)
 
 
 def _finite_or_none(value: object) -> object:
@@ -79,8 +101,9 @@ def save_eval_results(results: Mapping[str, Mapping[str, Mapping[str, float]]], 
         for dataset, per_task in results.items()
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(clean, f, indent=2)
+    content = json.dumps(clean, indent=2).encode()
+    # Whole or not at all: tools/detection_comparison.py takes a present file as a finished run.
+    atomic_write(path, lambda f: f.write(content))
 
 
 def summary_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:

@@ -27,6 +27,7 @@ from ..finetune.calibration import (
     layers_to_calibrate,
     mabn_layers,
     precise_mabn_stats,
+    read_batches,
 )
 from ..integration.config import calibration_from_cfg
 
@@ -79,9 +80,12 @@ class MABNCalibrationHook(HookBase):
             logger.info("mabn_d2: MABN calibration (mode %r): nothing to calibrate", self._mode)
             return
         data = self._data() if callable(self._data) else self._data
-        self.report = calibrate_mabn(self._model, data, self._num_batches, layers=layers)
+        # One bounded pass over the loader, shared by both calibrations (read_batches says
+        # why a loader must not be iterated twice).
+        batches = read_batches(data, self._num_batches)
+        self.report = calibrate_mabn(self._model, batches, len(batches), layers=layers)
         if self._backward:
-            self.backward_report = calibrate_mabn_backward(self._model, data, self._num_batches,
+            self.backward_report = calibrate_mabn_backward(self._model, batches, len(batches),
                                                            layers=layers)
 
 

@@ -18,6 +18,7 @@ from ..data import add_dataset_config, register_coco_from_cfg
 from ..integration.config import add_mabn_config, settings_from_cfg
 from ..integration.conv import CentralizedConv2d
 from ..layer import MABN2d
+from .output_lock import hold_output_dir
 
 __all__ = ["get_mabn_cfg", "mabn_setup", "setup_from_args", "describe_mabn_model"]
 
@@ -69,11 +70,20 @@ def mabn_setup(cfg: CfgNode) -> None:
 def setup_from_args(args: argparse.Namespace) -> CfgNode:
     """The frozen cfg of a ``tools/train_net.py`` job (detectron2's ``default_argument_parser``
     arguments): defaults + ``MODEL.MABN`` + ``args.config_file`` + ``args.opts``, then
-    detectron2's ``default_setup`` and :func:`mabn_setup`."""
+    detectron2's ``default_setup`` and :func:`mabn_setup`.
+
+    The main process first takes ``OUTPUT_DIR`` for itself (:func:`~mabn_d2.engine.
+    output_lock.hold_output_dir`), before anything is written into it.
+
+    Raises:
+        OutputDirBusyError: another live run writes into ``OUTPUT_DIR``.
+    """
     cfg = get_mabn_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    if comm.is_main_process() and cfg.OUTPUT_DIR:
+        hold_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     mabn_setup(cfg)
     return cfg

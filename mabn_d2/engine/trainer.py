@@ -16,7 +16,10 @@ from detectron2.utils import comm
 from torch import nn
 
 from ..data import check_num_classes
+from ..data.annotation_checks import instances_without_masks
+from ..data.user_coco import drop_invalid_annotations
 from ..integration.batch_stats import build_batch_stats_hook
+from .checkpoint_io import AtomicCheckpointer
 from .evaluation import build_coco_evaluator, save_eval_results, summary_table
 from .hooks import build_mabn_hooks
 from .resume import ResumableSampler, RNGStates
@@ -41,6 +44,26 @@ def _insert_before(
     return hook_list + list(new)
 
 
+def _with_masks_checked(dataset_dicts: list[dict], drop: bool) -> list[dict]:
+    """The training dicts, refused (or, with ``drop``, without the instances concerned) when
+    some instances lack the mask that the others have: detectron2's mapper would stop with a
+    KeyError at the first batch holding one (e.g. a ``"segmentation": []`` in the JSON)."""
+    missing = instances_without_masks(dataset_dicts)
+    if not missing:
+        return dataset_dicts
+    files = sorted({name for name, _ in missing})
+    shown = ", ".join(files[:5]) + (f", ... ({len(files) - 5} more)" if len(files) > 5 else "")
+    if not drop:
+        raise ValueError(
+            f"MODEL.MASK_ON: {len(missing)} training instances have no segmentation while the "
+            f"others have one (empty or malformed in the JSON), in {shown}. Fix the "
+            "annotations, or add 'DATASETS.DROP_INVALID_ANNOTATIONS True' to leave them out.")
+    logger.warning("Leaving out %d training instances without a segmentation "
+                   "(DATASETS.DROP_INVALID_ANNOTATIONS), in %s", len(missing), shown)
+    return [{**d, "annotations": [a for a in d.get("annotations", []) if "segmentation" in a]}
+            for d in dataset_dicts]
+
+
 class MABNTrainer(DefaultTrainer):
     """``DefaultTrainer`` with COCO box/mask evaluation, saved results and MABN hooks.
 
@@ -56,6 +79,15 @@ class MABNTrainer(DefaultTrainer):
 
     def __init__(self, cfg: CfgNode) -> None:
         super().__init__(cfg)
+        # detectron2's checkpointer writes in place (a kill during a save destroys the last
+        # checkpoint): the same one with atomic saves and a resume that skips damaged files,
+        # also in the periodic-checkpoint hook that DefaultTrainer built with the old one.
+        old = self.checkpointer
+        self.checkpointer = AtomicCheckpointer(
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables)
+        for hook in self._hooks:
+            if isinstance(hook, hooks.PeriodicCheckpointer):
+                hook.checkpointer = self.checkpointer
         # Saved with every checkpoint, restored by --resume (see engine/resume.py).
         self.checkpointer.add_checkpointable("rng_states", RNGStates())
 
@@ -64,6 +96,9 @@ class MABNTrainer(DefaultTrainer):
         """detectron2's train loader, its sampler wrapped so that ``--resume`` continues the
         data stream where the interrupted run stopped (``loader.resumable_sampler``)."""
         kwargs = _train_loader_from_config(cfg)  # loads the datasets: thing_classes known
+        if cfg.MODEL.MASK_ON:
+            kwargs["dataset"] = _with_masks_checked(kwargs["dataset"],
+                                                    drop_invalid_annotations(cfg))
         sampler = ResumableSampler(kwargs["sampler"])
         loader = build_detection_train_loader(**{**kwargs, "sampler": sampler})
         loader.resumable_sampler = sampler

@@ -67,6 +67,7 @@ __all__ = [
     "precise_mabn_stats",
     "mabn_layers",
     "layers_to_calibrate",
+    "read_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,30 @@ def layers_to_calibrate(model: nn.Module, mode: str = "auto") -> dict[str, MABN2
     if not any(source in NO_STATISTICS for source in sources.values()):
         return {}
     return {n: m for n, m in layers.items() if sources[n] in converted}
+
+
+def read_batches(data: Iterable[Any], num_batches: int) -> list[Any]:
+    """The first ``num_batches`` batches of ``data`` (fewer if it ends first), read in one
+    pass whose iterator is then closed.
+
+    Calibration runs its forward and backward passes over this list rather than iterating
+    ``data`` twice: a second ``iter()`` of a loader whose first iterator was abandoned can
+    hang. detectron2 v0.6's ``AspectRatioGroupedDataset`` keeps its buckets across iterators
+    and empties a full bucket only after its ``yield`` returns; an abandoned iterator leaves
+    that bucket full, the next iterator's bucket then never equals the batch size and grows
+    without end whenever all images share one orientation. The batches are held in memory
+    (``num_batches`` training batches of this process).
+    """
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"MABN calibration: num_batches must be an integer >= 1, got "
+                         f"{num_batches!r}")
+    iterator = iter(data)
+    try:
+        return list(itertools.islice(iterator, num_batches))
+    finally:
+        close = getattr(iterator, "close", None)  # generators: run their clean-up now
+        if callable(close):
+            close()
 
 
 @dataclass
@@ -271,7 +296,10 @@ def calibrate_mabn(
 
     Args:
         model: a model with MABN layers (DDP-wrapped or not).
-        data: an iterable of model inputs (e.g. detectron2's training data loader).
+        data: an iterable of model inputs, e.g. ``read_batches(loader, num_batches)``. To
+            run :func:`calibrate_mabn_backward` too, give both the same list: a second pass
+            over a detectron2 training loader whose first pass stopped early can hang (see
+            :func:`read_batches`).
         num_batches: how many batches to use (fewer if ``data`` ends first).
         layers: names (as in ``model.named_modules()``, DDP unwrapped) or ``{name: layer}``;
             default: every MABN layer.

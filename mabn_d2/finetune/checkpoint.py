@@ -2,10 +2,13 @@
 
 :mod:`mabn_d2.integration.patch` routes detectron2's ``DetectionCheckpointer._load_model`` (so
 ``DefaultTrainer``, ``DefaultPredictor`` and any ``DetectionCheckpointer``) through
-:func:`load_model_with_mabn_conversion` when the model has MABN layers. It works on the
-checkpoint's state dict *before* detectron2 and fvcore see it, because both silently drop
-entries that do not fit (``align_and_update_state_dicts`` and fvcore's shape filter only log
-a warning):
+:func:`load_model_with_mabn_conversion`. For every model it refuses a checkpoint with NaN or
+infinite values (:func:`check_finite`, naming the tensors); into a model without MABN layers
+it refuses a checkpoint with MABN layers (there is no exact inverse: the convs feeding MABN
+were trained centralized, which the checkpoint does not record) and loads any other as
+detectron2 does. For a model with MABN layers it works on the checkpoint's state dict
+*before* detectron2 and fvcore see it, because both silently drop entries that do not fit
+(``align_and_update_state_dicts`` and fvcore's shape filter only log a warning):
 
 1. names: Caffe2 names are renamed with detectron2's ``convert_c2_detectron_names``, and
    checkpoints that need detectron2's matching heuristics (Caffe2, torchvision-converted) are
@@ -61,6 +64,7 @@ from .convert import (
 
 __all__ = [
     "MABNCheckpointError",
+    "check_finite",
     "MABNLoadReport",
     "LayerLoad",
     "SOURCES_KEY",
@@ -436,11 +440,13 @@ def load_model_with_mabn_conversion(checkpointer: Any, checkpoint: dict[str, Any
         load_model: detectron2's original ``_load_model``.
     """
     model = checkpointer.model
-    if not any(isinstance(m, MABN2d) for m in model.modules()):
-        return load_model(checkpointer, checkpoint)
     state = checkpoint["model"]
     checkpointer._convert_ndarray_to_tensor(state)
     _strip_prefix_if_present(state, "module.")
+    check_finite(state)
+    if not any(isinstance(m, MABN2d) for m in model.modules()):
+        _refuse_mabn_entries(state)
+        return load_model(checkpointer, checkpoint)
     affine_hint: Callable[[str], bool] = lambda name: False  # noqa: E731
     if checkpoint.get("matching_heuristics", False):
         if checkpoint.get("__author__") == "Caffe2":
@@ -460,6 +466,49 @@ def load_model_with_mabn_conversion(checkpointer: Any, checkpoint: dict[str, Any
     _log_report(report)
     checkpointer.mabn_load_report = report
     return incompatible
+
+
+_FINITE_FIX = ("It comes from a run that diverged or from a conversion with invalid "
+               "arguments; load an earlier checkpoint of that run, or convert again.")
+
+
+def check_finite(state: Mapping[str, Any], what: str = "The checkpoint",
+                 fix: str = _FINITE_FIX) -> None:
+    """Refuse a state dict with NaN or infinite values (a diverged run, a bad conversion):
+    loaded, they make every output NaN without an error.
+
+    Raises:
+        MABNCheckpointError: ``"<what> has NaN or infinite values in ...: <tensors>. <fix>"``.
+    """
+    bad = [key for key, value in state.items()
+           if isinstance(value, Tensor) and value.is_floating_point()
+           and not bool(torch.isfinite(value).all())]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
+        raise MABNCheckpointError(
+            f"{what} has NaN or infinite values in {len(bad)} tensors: {shown}. {fix}")
+
+
+def _refuse_mabn_entries(state: Mapping[str, Any]) -> None:
+    """A model without MABN layers cannot take an MABN checkpoint: its BN/GN/FrozenBN layers
+    would keep their own initial statistics (detectron2 only warns about the MABN entries it
+    drops), and the convs that fed MABN were trained centralized (``w - mean(w)``), which a
+    plain conv does not compute; the checkpoint does not record which convs were.
+
+    Raises:
+        MABNCheckpointError: naming the MABN layers of the checkpoint.
+    """
+    layers = sorted({key.rpartition(".")[0] for key in state
+                     if key.rpartition(".")[2] == "running_second_moment"})
+    if layers:
+        shown = ", ".join(layers[:4]) + (f", ... ({len(layers) - 4} more)"
+                                         if len(layers) > 4 else "")
+        raise MABNCheckpointError(
+            f"The checkpoint has {len(layers)} MABN layers ({shown}) but the model has none: "
+            "loaded into other normalizations they would compute something else. Build the "
+            "model with NORM \"MABN\" where the checkpoint has it (the training run's "
+            "config.yaml), or, for inference without normalization cost, load it into that "
+            "MABN model and fold it with mabn_d2.fuse_mabn.")
 
 
 def _log_report(report: MABNLoadReport) -> None:

@@ -25,14 +25,18 @@ detectron2's ``DetectionCheckpointer`` is :mod:`mabn_d2.checkpoint`.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import Tensor, nn
 
 from ..layer import MABN2d
+from ..layer.settings import check_setting
 
 __all__ = [
     "SOURCE_BN_EPS",
@@ -47,6 +51,7 @@ __all__ = [
     "convert_bn_to_mabn",
     "convert_bn_state_dict",
     "has_usable_statistics",
+    "check_bn_eps",
 ]
 
 # Where an MABN layer's parameters came from (its attribute ``converted_from``,
@@ -78,6 +83,15 @@ class FoldedNorm:
     bias: Tensor
     running_second_moment: Tensor
     has_statistics: bool
+
+
+def check_bn_eps(value: Any, key: str = "fold_bn: bn_eps") -> float:
+    """``value`` as a float if it is a finite number >= 0 (a BN layer's eps may be 0); else
+    ValueError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(float(value)) or value < 0:
+        raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def has_usable_statistics(running_mean: Tensor | None, running_var: Tensor | None,
@@ -114,8 +128,11 @@ def fold_bn(
         mabn_eps: the target MABN layer's eps.
 
     Raises:
-        ValueError: a tensor is not of shape ``(C,)``, or only one of the statistics is given.
+        ValueError: a tensor is not of shape ``(C,)``, only one of the statistics is given,
+            ``bn_eps`` is not a finite number >= 0 or ``mabn_eps`` not a finite number > 0.
     """
+    bn_eps = check_bn_eps(bn_eps)
+    mabn_eps = check_setting("eps", mabn_eps, "fold_bn: mabn_eps")
     given = {"weight": weight, "bias": bias, "running_mean": running_mean,
              "running_var": running_var}
     for name, value in given.items():
@@ -279,6 +296,8 @@ def convert_bn_state_dict(
         ``(converted, sources)``: the new state dict, and for each converted module ``"bn"``
         or ``"affine"`` (no usable statistics: calibrate before training).
     """
+    if buffer_size is not None:
+        buffer_size = check_setting("buffer_size", buffer_size)
     affine = set(affine_modules)
     groups = _group_by_module(state_dict)
     converted: dict[str, Tensor] = {}

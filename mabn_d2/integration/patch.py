@@ -21,8 +21,10 @@ lists them; ``tests/test_patch.py`` checks that nothing else changes):
       heads, sem-seg heads) wrapped              ``MODEL.MABN.CENTRALIZE_EXCLUDE`` applied.
  4    ``DetectionCheckpointer._load_model``      a checkpoint loaded into a model with MABN layers
       wrapped                                    is converted first (BN/FrozenBN/Caffe2 affine ->
-                                                 MABN by the exact fold; mismatches are errors),
-                                                 see :mod:`mabn_d2.finetune.checkpoint`.
+                                                 MABN by the exact fold; mismatches are errors);
+                                                 NaN/inf values, and MABN layers loaded into a
+                                                 model without MABN, are refused; see
+                                                 :mod:`mabn_d2.finetune.checkpoint`.
 ====  =========================================  ==================================================
 
 Only when asked for (:func:`import_tracing_adapter`, used by :mod:`mabn_d2.deploy.trace`):

@@ -28,6 +28,7 @@ statistics, renorm on or off, buffer slot) is decided by the caller from a host-
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,53 @@ class MABNStep:
     renorm_clip: float
     momentum: float
     eps: float
+
+
+_DOUBLE_BACKWARD = (
+    "MABN2d in training mode does not support double backward (a second gradient through "
+    "torch.autograd.grad(..., create_graph=True), e.g. a gradient penalty): its backward "
+    "writes the Psi moving average and normalizes with moving statistics that are not "
+    "functions of the input. Put the layer in eval mode for such terms (there it is a "
+    "per-channel affine, differentiable to any order)."
+)
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """Identity on first-order gradients whose own backward is an error (what
+    ``torch.autograd.function.once_differentiable`` does, with MABN's message). ``anchors``
+    (the step's inputs) only connect it to the graph, so that a second gradient with respect
+    to them reaches this node."""
+
+    @staticmethod
+    def forward(ctx, num_grads: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(g.view_as(g) for g in tensors[:num_grads])
+
+    @staticmethod
+    def backward(ctx, *_: Tensor):  # type: ignore[override]
+        raise RuntimeError(_DOUBLE_BACKWARD)
+
+
+def _first_order_only(backward):
+    """Decorate an ``autograd.Function.backward``: it runs without building a graph, and
+    under ``create_graph=True`` its gradients carry a node that refuses to be differentiated,
+    instead of silently being constants (zero second derivatives)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():  # the usual first-order backward
+            return grads
+        present = [i for i, g in enumerate(grads) if isinstance(g, Tensor)]
+        anchors = [t for t in ctx.saved_tensors if t.requires_grad]
+        guarded = _NoSecondOrder.apply(
+            len(present), *(grads[i].detach().requires_grad_() for i in present), *anchors)
+        out = list(grads)
+        for i, g in zip(present, guarded):
+            out[i] = g
+        return tuple(out)
+
+    return wrapper
 
 
 def _channel_view(v: Tensor) -> Tensor:
@@ -112,6 +160,7 @@ class _MABNTrainFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, dy: Tensor):  # type: ignore[override]
         x, weight, inv_std, r = ctx.saved_tensors
         step: MABNStep = ctx.step
@@ -176,6 +225,7 @@ class _FusedMABNTrainFunction(torch.autograd.Function):
         return y, finite
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, dy: Tensor, _: Tensor | None):  # type: ignore[override]
         x, weight, inv_std, r = ctx.saved_tensors
         step: MABNStep = ctx.step

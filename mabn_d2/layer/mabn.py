@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import numbers
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -20,10 +22,22 @@ __all__ = ["MABN2d"]
 logger = logging.getLogger(__name__)
 
 
+class _BackwardToken:
+    """Set when the gradient of one training call's output has been computed."""
+
+    __slots__ = ("done", "__weakref__")
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def mark_done(self, grad: Tensor) -> None:
+        self.done = True
+
+
 class MABN2d(nn.Module):
     r"""Moving Average Batch Normalization over a 4-D input ``(N, C, H, W)``.
 
-    Training mode, per channel, with ``t`` the number of training forward calls so far
+    Training mode, per channel, with ``t`` the number of training-mode calls so far
     (1 at the first) and ``m = buffer_size``:
 
     .. math::
@@ -44,10 +58,6 @@ class MABN2d(nn.Module):
     Eval mode is the per-channel affine ``y = gamma * x / sqrt(running + eps) + beta``,
     which :func:`mabn_d2.fuse_mabn` folds into the preceding convolution.
 
-    Statistics are float32 (float64 for float64 inputs) whatever the input dtype. A step
-    whose statistics are not finite leaves the moving-average buffers and running statistics
-    as they were. Empty inputs (``N * H * W == 0``) return an empty output and change nothing.
-
     With ``momentum=None`` the running second moment is the cumulative average of ``var``
     over all steps (as ``nn.BatchNorm2d``'s ``momentum=None``).
 
@@ -57,6 +67,17 @@ class MABN2d(nn.Module):
     step whose statistics are not finite leaves the moving-average buffers and running
     statistics as they were. Empty inputs (``N * H * W == 0``) return an empty output and
     change nothing.
+
+    ``t`` counts training-mode calls. A layer called several times per training step (a head
+    shared across FPN levels, as RetinaNet's) therefore counts each call: its
+    ``buffer_size``, ``warmup_iters`` and ``renorm_start_iter`` are in calls, and its moving
+    averages mix the inputs it is shared between; the layer warns once when it runs again
+    before the backward of its previous call. A training-mode call without autograd
+    (``torch.no_grad()``) is a step too: ``t`` advances and ``chi2_B`` enters its slot and the
+    running second moment, but no backward writes that step's ``psi`` slot, which keeps the
+    value written ``m`` steps earlier. Passes that should leave the statistics alone belong in
+    eval mode. Double backward (``create_graph=True``, then a second gradient) through a
+    training-mode call raises an error; eval mode is differentiable to any order.
 
     Args:
         num_features: ``C``.
@@ -143,6 +164,9 @@ class MABN2d(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         # Host copy of num_batches_tracked: the step schedule is decided without a sync.
         self._iteration = 0
+        # The last training call whose backward has not run yet (see _note_training_call).
+        self._awaiting_backward: weakref.ref[_BackwardToken] | None = None
+        self._warned_repeated_use = False
 
     @property
     def iteration(self) -> int:
@@ -250,6 +274,7 @@ class MABN2d(nn.Module):
         )
         self._iteration += 1
         self.num_batches_tracked.add_(1)
+        self._note_training_call(y)
         if finite.device.type == "cpu" and not bool(finite):
             # Free to check on the CPU only; on a GPU this would force a sync.
             logger.warning(
@@ -259,6 +284,39 @@ class MABN2d(nn.Module):
                 self._iteration,
             )
         return y
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A weak reference cannot be pickled (torch.save(model), copies to other processes);
+        # it only concerns a call in progress.
+        state = self.__dict__.copy()
+        state["_awaiting_backward"] = None
+        return state
+
+    def _note_training_call(self, y: Tensor) -> None:
+        """Warn (once) when this layer runs again before the backward of its previous training
+        call: it is used several times per training step, and its schedule counts calls."""
+        previous = self._awaiting_backward() if self._awaiting_backward is not None else None
+        if previous is not None and not previous.done and not self._warned_repeated_use:
+            self._warned_repeated_use = True
+            message = (
+                f"{self._describe()} ran again before the backward of its previous call: it is "
+                "used several times per training step (e.g. a head shared across FPN levels, "
+                "as RetinaNet's). Its step count t advances per call, so buffer_size, "
+                "warmup_iters and renorm_start_iter (MODEL.MABN.BUFFER_SIZE, WARMUP_ITERS, "
+                "RENORM_START_ITER) count calls, not training steps, and its moving averages "
+                "mix the statistics of the inputs it is shared between. Multiply these "
+                "settings by the calls per step, or give each use its own norm layer."
+            )
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        if not y.requires_grad:  # no backward will come (no_grad, frozen layer and input)
+            self._awaiting_backward = None
+            return
+        token = _BackwardToken()
+        # The hook lives as long as y's graph: a call whose graph was freed without a
+        # backward (its output dropped) leaves a dead reference, not a pending call.
+        y.register_hook(token.mark_done)
+        self._awaiting_backward = weakref.ref(token)
 
     def _load_from_state_dict(
         self,

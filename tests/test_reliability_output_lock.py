@@ -1,0 +1,70 @@
+"""One run per OUTPUT_DIR: a second holder is refused with the folder and the holder named; the
+lock of a process that died (even by ``kill -9``) does not block the next run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mabn_d2.engine.output_lock import (
+    LOCK_FILE,
+    OutputDirBusyError,
+    OutputDirLock,
+    hold_output_dir,
+)
+
+from helpers import REPO, sigkill_when
+
+# The module alone (standard library only), not the package: no detectron2 import to wait for.
+HOLD = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("output_lock", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.OutputDirLock(sys.argv[2]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def holder(out) -> subprocess.Popen:
+    """A process holding the lock of ``out`` until killed (it prints "held" once it does)."""
+    module = REPO / "mabn_d2" / "engine" / "output_lock.py"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(module), str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_holder_is_refused_naming_the_folder_and_the_holder(tmp_path):
+    proc = holder(tmp_path)
+    try:
+        with pytest.raises(OutputDirBusyError) as info:
+            OutputDirLock(str(tmp_path)).acquire()
+    finally:
+        sigkill_when(proc, lambda: True, 10, "the kill")
+    message = str(info.value)
+    assert f"OUTPUT_DIR {tmp_path} is in use by another run (pid {proc.pid} on " in message
+    assert "OUTPUT_DIR output/another_run" in message
+
+
+def test_the_lock_of_a_killed_process_does_not_block(tmp_path):
+    proc = holder(tmp_path)
+    sigkill_when(proc, lambda: True, 10, "the kill")  # kill -9: no clean-up ran
+    assert (tmp_path / LOCK_FILE).exists()  # the file stays, the lock went with the process
+    with OutputDirLock(str(tmp_path)) as lock:
+        assert lock.held
+    with OutputDirLock(str(tmp_path)):  # released by the first
+        pass
+
+
+def test_within_a_process_two_locks_conflict_but_hold_is_idempotent(tmp_path):
+    with OutputDirLock(str(tmp_path)):
+        with pytest.raises(OutputDirBusyError):
+            OutputDirLock(str(tmp_path)).acquire()
+    out = tmp_path / "run"
+    assert hold_output_dir(str(out)) is hold_output_dir(str(out) + "/")
+    with pytest.raises(OutputDirBusyError):
+        OutputDirLock(str(out)).acquire()
