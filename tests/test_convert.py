@@ -122,6 +122,20 @@ def test_a_bn_module_itself_is_replaced_and_untracked_bn_keeps_gamma_beta():
     assert mabn.converted_from == SOURCE_NEW and torch.equal(mabn.weight, torch.full((4,), 2.0))
 
 
+@pytest.mark.parametrize("mean,var,source", [
+    (0.0, 1.0, SOURCE_AFFINE),          # a FrozenBN that loaded affine-only weights
+    (0.0, 1.0 - 1e-5, SOURCE_AFFINE),   # detectron2's FrozenBatchNorm2d as initialised
+    (0.0, 1.0 + 1e-3, SOURCE_BN),       # real statistics that happen to be near 1
+    (1e-3, 1.0, SOURCE_BN),
+])
+def test_identity_statistics_count_as_no_statistics(mean, var, source):
+    frozen = FrozenBatchNorm2d(4)
+    frozen.running_mean.fill_(mean)
+    frozen.running_var.fill_(var)
+    mabn = convert_bn_to_mabn(nn.Sequential(frozen))[0]
+    assert mabn.converted_from == source
+
+
 def outputs(model, x):
     model.eval()
     with torch.no_grad():
