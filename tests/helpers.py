@@ -21,16 +21,26 @@ CONFIGS = REPO / "configs"
 COCO_MINI = Path(os.environ.get("MABN_D2_COCO_MINI", REPO.parent / "shared" / "data" / "coco_mini"))
 
 
+# Values of CI that mean "not in CI" (CI systems set CI=true, CI=1, CI=yes, ...).
+_NOT_CI = ("", "0", "false", "no", "off")
+
+
+def running_in_ci() -> bool:
+    """Whether the environment variable ``CI`` is set to a true value (anything but empty,
+    ``0``, ``false``, ``no``, ``off``, in any case)."""
+    return os.environ.get("CI", "").strip().lower() not in _NOT_CI
+
+
 def require_coco_mini() -> Path:
-    """The coco_mini root; skip (fresh clone without ../shared) or fail (CI=true) if absent."""
+    """The coco_mini root; skip (fresh clone without ../shared) or, in CI, fail if absent."""
     if (COCO_MINI / "coco" / "annotations" / "instances_train2017.json").is_file():
         return COCO_MINI
     reason = (
         f"the real COCO subset is not at {COCO_MINI} (expected ../shared/data/coco_mini beside "
         "the repository, or MABN_D2_COCO_MINI)"
     )
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true: {reason}")
+    if running_in_ci():
+        pytest.fail(f"CI={os.environ['CI']}: {reason}")
     pytest.skip(reason)
 
 

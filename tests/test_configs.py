@@ -67,16 +67,74 @@ def test_config_builds_on_cpu_with_its_norms(path):
             settings.MOMENTUM, settings.BUFFER_SIZE, settings.WARMUP_ITERS)
 
 
-@pytest.mark.parametrize("path", LEAF_CONFIGS, ids=config_id)
-def test_config_header_says_what_it_reproduces_and_expects(path):
-    header = []
+def header(path) -> str:
+    """The leading comment block of a config, as one line of words."""
+    lines = []
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
             break
-        header.append(line)
-    text = "\n".join(header)
-    assert "# Reproduces:" in text, f"{path.name}: no '# Reproduces:' in the header comment"
-    assert "Expected" in text, f"{path.name}: no 'Expected' numbers in the header comment"
+        lines.append(line.lstrip("#"))
+    return " ".join(" ".join(lines).split())
+
+
+def _norms(cfg) -> set[str]:
+    return {cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM,
+            cfg.MODEL.ROI_MASK_HEAD.NORM}
+
+
+MSRA_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+# What a header may say about its config, and what the config must then hold.
+HEADER_CLAIMS = {
+    "2x schedule": lambda cfg: (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (
+        180000, (120000, 160000)),
+    "2 images per GPU on 8 GPUs": lambda cfg: cfg.SOLVER.IMS_PER_BATCH == 16,
+    "all 16 images of the 8 GPUs": lambda cfg: cfg.SOLVER.IMS_PER_BATCH == 16
+    and _norms(cfg) == {"SyncBN"},
+    "from scratch": lambda cfg: cfg.MODEL.WEIGHTS == "",
+    "MSRA ImageNet R-50": lambda cfg: cfg.MODEL.WEIGHTS == MSRA_R50,
+    "detectron2's MSRA R-50": lambda cfg: cfg.MODEL.WEIGHTS == MSRA_R50,
+    "nothing frozen": lambda cfg: cfg.MODEL.BACKBONE.FREEZE_AT == 0,
+    "every layer trained": lambda cfg: cfg.MODEL.BACKBONE.FREEZE_AT == 0,
+    "stem and res2 frozen": lambda cfg: cfg.MODEL.BACKBONE.FREEZE_AT == 2,
+    "no norm in the FPN and heads": lambda cfg: {
+        cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM, cfg.MODEL.ROI_MASK_HEAD.NORM} == {""},
+    "GroupNorm (32 groups) in the ResNet, FPN, box and mask heads": lambda cfg: _norms(cfg)
+    == {"GN"},
+    "plain per-GPU BN": lambda cfg: _norms(cfg) == {"BN"},
+    "4conv-1fc box head": lambda cfg: (cfg.MODEL.ROI_BOX_HEAD.NUM_CONV,
+                                       cfg.MODEL.ROI_BOX_HEAD.NUM_FC) == (4, 1),
+    "R50-FPN": lambda cfg: cfg.MODEL.RESNETS.DEPTH == 50,
+    "R-18-FPN": lambda cfg: cfg.MODEL.RESNETS.DEPTH == 18,
+    "400 iterations of 4 images": lambda cfg: (cfg.SOLVER.MAX_ITER,
+                                               cfg.SOLVER.IMS_PER_BATCH) == (400, 4),
+    "BUFFER_SIZE 4 instead of 16": lambda cfg: cfg.MODEL.MABN.BUFFER_SIZE == 4,
+    "buffer 16, warm-up 100, renorm from 1000, momentum 0.02": lambda cfg: (
+        cfg.MODEL.MABN.BUFFER_SIZE, cfg.MODEL.MABN.WARMUP_ITERS,
+        cfg.MODEL.MABN.RENORM_START_ITER, cfg.MODEL.MABN.MOMENTUM) == (16, 100, 1000, 0.02),
+    "weight centralization on": lambda cfg: cfg.MODEL.MABN.CENTRALIZE_WEIGHTS is True,
+    "SEED 42": lambda cfg: cfg.SEED == 42,
+    "160-px images": lambda cfg: tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (160,),
+    "2 images per batch": lambda cfg: cfg.SOLVER.IMS_PER_BATCH == 2,
+    "COCO train2017": lambda cfg: cfg.DATASETS.TRAIN == ("coco_2017_train",),
+    "procedural shapes": lambda cfg: cfg.DATASETS.TRAIN == ("mabn_demo_shapes_train",),
+}
+
+
+@pytest.mark.parametrize("path", LEAF_CONFIGS, ids=config_id)
+def test_config_header_claims_hold(path):
+    text = header(path)
+    assert text.startswith("Reproduces:") and "Expected" in text, path.name
+    cfg = get_mabn_cfg()
+    cfg.merge_from_file(str(path))  # as written (load() clears MODEL.WEIGHTS)
+    claims = [claim for claim in HEADER_CLAIMS if claim in text]
+    assert claims, f"{path.name}: its header states nothing HEADER_CLAIMS can check"
+    for claim in claims:
+        assert HEADER_CLAIMS[claim](cfg), f"{path.name}: the header says '{claim}'"
+
+
+def test_every_header_claim_is_made_somewhere():
+    made = " ".join(header(p) for p in LEAF_CONFIGS)
+    assert [claim for claim in HEADER_CLAIMS if claim not in made] == []
 
 
 def test_paper_numbers_are_marked_as_the_papers():

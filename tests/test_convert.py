@@ -60,7 +60,7 @@ def test_fold_is_the_specified_formula():
         fold_bn(6, running_mean=torch.zeros(5), running_var=torch.ones(6))
 
 
-def test_torchvision_resnet18_eval_outputs_equal():
+def test_torchvision_resnet18_converts_exactly_and_trains():
     torch.manual_seed(0)
     model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
     converted = convert_bn_to_mabn(copy.deepcopy(model), buffer_size=8)
@@ -72,10 +72,23 @@ def test_torchvision_resnet18_eval_outputs_equal():
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         assert relative_l2(converted(x), model(x)) < 1e-5
-    # Training mode with batch statistics runs and the parameters train.
+    # Training mode: the first step normalises with batch statistics (r = 1), and every
+    # layer's parameters get dbias = sum(dy) and dweight = sum(dy * z), z = x / sqrt(E[x^2] + eps)
+    seen: dict[MABN2d, list[torch.Tensor]] = {}
+
+    def keep_input_and_output_grad(m, inputs, output):
+        seen[m] = [inputs[0].detach()]
+        output.register_hook(lambda grad, m=m: seen[m].append(grad))  # before the in-place ReLU
+
+    for m in norms:
+        m.register_forward_hook(keep_input_and_output_grad)
     converted.train()
     converted(x).sum().backward()
-    assert all(m.weight.grad is not None for m in norms)
+    for m in norms:
+        x_in, dy = seen[m]
+        z = x_in / torch.sqrt(x_in.square().mean((0, 2, 3), keepdim=True) + m.eps)
+        assert relative_l2(m.bias.grad, dy.sum((0, 2, 3))) < 1e-5
+        assert relative_l2(m.weight.grad, (dy * z).sum((0, 2, 3))) < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["frozen_d2", "frozen_tv", "sync", "no_affine"])
@@ -107,6 +120,20 @@ def test_a_bn_module_itself_is_replaced_and_untracked_bn_keeps_gamma_beta():
         untracked.weight.fill_(2.0)
     mabn = convert_bn_to_mabn(untracked)
     assert mabn.converted_from == SOURCE_NEW and torch.equal(mabn.weight, torch.full((4,), 2.0))
+
+
+@pytest.mark.parametrize("mean,var,source", [
+    (0.0, 1.0, SOURCE_AFFINE),          # a FrozenBN that loaded affine-only weights
+    (0.0, 1.0 - 1e-5, SOURCE_AFFINE),   # detectron2's FrozenBatchNorm2d as initialised
+    (0.0, 1.0 + 1e-3, SOURCE_BN),       # real statistics that happen to be near 1
+    (1e-3, 1.0, SOURCE_BN),
+])
+def test_identity_statistics_count_as_no_statistics(mean, var, source):
+    frozen = FrozenBatchNorm2d(4)
+    frozen.running_mean.fill_(mean)
+    frozen.running_var.fill_(var)
+    mabn = convert_bn_to_mabn(nn.Sequential(frozen))[0]
+    assert mabn.converted_from == source
 
 
 def outputs(model, x):

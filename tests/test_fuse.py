@@ -87,10 +87,29 @@ def test_fuse_in_place_and_keeps_gradients_flowing():
     with torch.no_grad():
         expected = net(x)
     assert fuse_mabn(net, inplace=True) is net
-    y = net(x)
-    assert rel_err(y, expected) < 1e-5
-    y.sum().backward()  # the fused convs are ordinary trainable layers
-    assert net.centralized.bias.grad is not None
+    assert rel_err(net(x), expected) < 1e-5
+    # The fused convs are ordinary trainable layers: their bias gradients are the loss's
+    # derivatives (central differences, float64).
+    net.double()
+    x, probe = x.double(), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+
+    def loss() -> torch.Tensor:
+        return (net(x) * probe).sum()
+
+    net.zero_grad()  # the last training step's gradients
+    loss().backward()
+    h = 1e-6
+    with torch.no_grad():
+        for name in ("centralized", "with_bias", "grouped"):
+            bias = getattr(net, name).bias
+            for c in range(bias.numel()):
+                bias[c] += h
+                up = loss()
+                bias[c] -= 2 * h
+                down = loss()
+                bias[c] += h
+                numeric = float(up - down) / (2 * h)
+                assert float(bias.grad[c]) == pytest.approx(numeric, rel=1e-5, abs=1e-6), name
 
 
 def test_fuse_refuses_training_mode():
