@@ -40,6 +40,9 @@ AMP_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Relative error of a training run against the float64 reference, by input dtype.
 TRAINING_TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+# Float32 results of two computations that round differently (fused vs unfused convolutions,
+# compiled vs eager graphs: other cuDNN or generated kernels); a wrong fold is off by far more.
+FLOAT32_TOLERANCE = 1e-4
 # Odd sizes for the Triton kernels: a plane of one element, 7x7 (box head), a plane longer
 # than one reduction tile and not a multiple of it, long planes, more than 65535 channels,
 # more than 65535 planes, a detection shape.
@@ -349,7 +352,7 @@ def check_fuse_mabn(device: str) -> None:
         assert all(p.device.type == device.type for p in fused.parameters())
         x = torch.randn(3, 3, 16, 20, device=device) * 3
         with torch.no_grad():
-            assert relative_error(fused(x), net(x)) < 1e-5
+            assert relative_error(fused(x), net(x)) < FLOAT32_TOLERANCE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +392,7 @@ def check_cuda_graph_capture(device: str) -> None:
                                     generator=torch.Generator(device).manual_seed(seed))
                 static_x.copy_(new_x)
                 graph.replay()
-                assert relative_error(static_y, model(new_x)) < 1e-6
+                assert relative_error(static_y, model(new_x)) < FLOAT32_TOLERANCE
 
 
 def check_torch_compile(device: str, backend: str = "inductor") -> None:
@@ -409,17 +412,18 @@ def check_torch_compile(device: str, backend: str = "inductor") -> None:
             dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(step)).to(device)
             y.backward(dy)
             y_c.backward(dy)
-            assert relative_error(y_c, y) < 1e-5 and relative_error(x_c.grad, x.grad) < 1e-5
+            assert relative_error(y_c, y) < FLOAT32_TOLERANCE
+            assert relative_error(x_c.grad, x.grad) < FLOAT32_TOLERANCE
         for p, q in zip(eager.parameters(), compiled_block.parameters()):
-            assert relative_error(q.grad, p.grad) < 1e-5
+            assert relative_error(q.grad, p.grad) < FLOAT32_TOLERANCE
         for got, want in zip(statistics_of(compiled_block), statistics_of(eager)):
-            assert relative_error(got, want) < 1e-5
+            assert relative_error(got, want) < FLOAT32_TOLERANCE
         assert all(m.iteration == SCHEDULE_STEPS for m in mabn_layers(compiled_block))
         eager.eval()
         compiled_block.eval()
         x = torch.randn(shape, device=device)
         with torch.no_grad():
-            assert relative_error(compiled(x), eager(x)) < 1e-5
+            assert relative_error(compiled(x), eager(x)) < FLOAT32_TOLERANCE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,7 +476,7 @@ def check_sync_under_one_process_group(device: str, store_file: Path) -> None:
         cfg = small_backbone_cfg("MABN", SYNC=True, WARMUP_ITERS=2, BUFFER_SIZE=2,
                                  RENORM_START_ITER=2)
         cfg.MODEL.DEVICE = str(device)
-        backbone = build_backbone(cfg).train()
+        backbone = build_backbone(cfg).to(device).train()
         layers = mabn_layers(backbone)
         assert layers and all(m.sync for m in layers)
         for _ in range(3):

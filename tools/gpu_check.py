@@ -73,6 +73,7 @@ try:
     info["triton"] = triton.__version__
 except ImportError as e:
     info["triton"] = f"not importable: {{e}}"
+print("ENVIRONMENT " + json.dumps(info), flush=True)  # what is known if an import below fails
 import detectron2
 from detectron2 import model_zoo
 import mabn_d2
@@ -99,6 +100,7 @@ class Part:
     command: list[str]
     timeout_s: float
     result: dict = field(default_factory=dict)
+    output: str = ""
 
 
 def pip_install_command(wheelhouse: Path, site: Path) -> list[str]:
@@ -149,13 +151,15 @@ def build_parts(args: argparse.Namespace, scratch: Path) -> list[Part]:
 
 def child_environment(site: Path | None) -> dict[str, str]:
     """The parts' environment: the installed wheels and this repository on the path, no
-    package index, unbuffered output."""
+    package index, unbuffered output, NCCL on loopback unless set."""
     paths = [str(site)] if site else []
     paths.append(str(REPO))
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PIP_NO_INDEX": "1",
-            "PYTHONUNBUFFERED": "1"}
+    # NCCL_SOCKET_IFNAME: the one-process NCCL group bootstraps over loopback (the machine
+    # may have no other interface up).
+    return {"NCCL_SOCKET_IFNAME": "lo", **os.environ, "PYTHONPATH": os.pathsep.join(paths),
+            "PIP_NO_INDEX": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def run_part(part: Part, env: dict[str, str], log, deadline: float) -> None:
@@ -184,6 +188,7 @@ def run_part(part: Part, env: dict[str, str], log, deadline: float) -> None:
             errors="replace")
         status, returncode = "timeout", None
     seconds = time.monotonic() - start
+    part.output = output
     log.write(output)
     log.write(f"\n===== {part.name}: {status} in {seconds:.1f} s\n")
     log.flush()
@@ -194,7 +199,8 @@ def run_part(part: Part, env: dict[str, str], log, deadline: float) -> None:
 
 
 def environment_of(part: Part) -> dict:
-    for line in reversed(part.result.get("tail", [])):
+    """The last ``ENVIRONMENT {json}`` line the environment part printed."""
+    for line in reversed(part.output.splitlines()):
         if line.startswith("ENVIRONMENT "):
             return json.loads(line[len("ENVIRONMENT "):])
     return {}
