@@ -453,24 +453,28 @@ def check_sync_under_one_process_group(device: str, store_file: Path) -> None:
                       renorm=t > 8, renorm_clip=1.5, momentum=0.1, eps=1e-5)
              for t in range(1, 13)]
 
-    def run(group: object | None) -> list[Tensor]:
-        layer, _ = layer_pair(channels, device)
+    # Everything on the device before the sync guard: copies from the host synchronize.
+    batches = [(x64.float().to(device), dy64.float().to(device))
+               for x64, dy64 in schedule_batches(shape, len(steps))]
+
+    def run(layer: MABN2d, group: object | None) -> list[Tensor]:
         state = [layer.running_second_moment, layer.chi2_buffer, layer.psi_buffer]
         outputs = []
-        for step, (x64, dy64) in zip(steps, schedule_batches(shape, len(steps))):
-            x = x64.float().to(device).requires_grad_()
+        for step, (x0, dy) in zip(steps, batches):
+            x = x0.clone().requires_grad_()
             y, _ = mabn_train(x, layer.weight, layer.bias, *state, step, process_group=group)
-            y.backward(dy64.float().to(device))
+            y.backward(dy)
             outputs += [y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()]
             layer.weight.grad = layer.bias.grad = None
         return outputs + [t.clone() for t in state]
 
     with one_process_group(device, store_file):
-        alone = run(None)
-        run(dist.group.WORLD)  # first use: the communicator is set up here
+        alone = run(layer_pair(channels, device)[0], None)
+        run(layer_pair(channels, device)[0], dist.group.WORLD)  # sets up the communicator
+        layer = layer_pair(channels, device)[0]
         guard = no_host_sync(device) if device.type == "cuda" else contextlib.nullcontext()
         with guard:
-            synced = run(dist.group.WORLD)
+            synced = run(layer, dist.group.WORLD)
         for got, want in zip(synced, alone):
             assert relative_error(got, want) < 1e-5
         cfg = small_backbone_cfg("MABN", SYNC=True, WARMUP_ITERS=2, BUFFER_SIZE=2,

@@ -279,6 +279,9 @@ def test_training_saves_one_activation_sized_tensor():
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    if "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
+        # Packages found through this process's path (e.g. installed with pip --target) too.
+        env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
