@@ -17,7 +17,7 @@ import torch
 from mabn_d2 import kernels
 
 import device_checks as checks
-from helpers import REPO
+from helpers import REPO, triton_interpreter_problem
 from test_kernels import run_python
 
 CUDA = pytest.param("cuda", id="cuda", marks=[
@@ -46,6 +46,8 @@ def test_triton_kernels_match_plain_at_odd_sizes(device):
         checks.check_triton_kernels_match_plain(device, checks.TRITON_SHAPES)
         return
     pytest.importorskip("triton")
+    if problem := triton_interpreter_problem():
+        pytest.skip(problem)
     result = run_python(  # Triton's CPU interpreter, in a process of its own
         f"""
         import device_checks
