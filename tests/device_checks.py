@@ -397,11 +397,19 @@ def check_cuda_graph_capture(device: str) -> None:
 
 def check_torch_compile(device: str, backend: str = "inductor") -> None:
     """``torch.compile`` of a conv + MABN2d block trains and evaluates as the eager block: the
-    training step runs eagerly inside the compiled model (a graph break), eval compiles."""
+    training step runs eagerly inside the compiled model (a graph break, so its changing
+    schedule recompiles nothing), eval compiles."""
     device = torch.device(device)
     eager = conv_mabn_block(device).train()
     compiled_block = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_block, backend=backend)
+    graphs = []
+    compile_graph = torch._dynamo.lookup_backend(backend)
+
+    def counting_backend(graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph_module)
+        return compile_graph(graph_module, example_inputs)
+
+    compiled = torch.compile(compiled_block, backend=counting_backend)
     shape = (2, 3, 10, 12)
     with exact_float32():
         for step, (x64, _) in enumerate(schedule_batches(shape, SCHEDULE_STEPS)):
@@ -419,6 +427,8 @@ def check_torch_compile(device: str, backend: str = "inductor") -> None:
         for got, want in zip(statistics_of(compiled_block), statistics_of(eager)):
             assert relative_error(got, want) < FLOAT32_TOLERANCE
         assert all(m.iteration == SCHEDULE_STEPS for m in mabn_layers(compiled_block))
+        # The graphs around the eager step compile once, not again at every step (3 here).
+        assert len(graphs) <= 4, f"{len(graphs)} graphs compiled in {SCHEDULE_STEPS} steps"
         eager.eval()
         compiled_block.eval()
         x = torch.randn(shape, device=device)
