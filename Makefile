@@ -49,3 +49,21 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) output build
+
+# ---- GPU check (docs/gpu.md). On a machine with the package index: fill the wheelhouse the
+# GPU machine lacks, and rehearse the check in a fresh Python 3.12 venv without network.
+# On the GPU machine (no network, its own python3): make gpu-check.
+GPU_WHEELHOUSE ?= output/gpu_wheelhouse
+GPU_CHECK_OUT ?= output/gpu_check
+GPU_PYTHON ?= python3
+REHEARSAL_PYTHON ?= python3.12
+.PHONY: gpu-wheelhouse gpu-check gpu-rehearsal
+
+gpu-wheelhouse: venv
+	$(PY) tools/gpu_wheelhouse.py --out $(GPU_WHEELHOUSE)
+
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py --wheelhouse $(GPU_WHEELHOUSE) --out $(GPU_CHECK_OUT)
+
+gpu-rehearsal: gpu-wheelhouse
+	$(PY) tools/gpu_rehearsal.py --python $(REHEARSAL_PYTHON) --wheelhouse $(GPU_WHEELHOUSE)

@@ -4,6 +4,7 @@ small models and tools shared by several test files."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import signal
@@ -103,3 +104,44 @@ def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: flo
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+@functools.lru_cache(maxsize=1)
+def triton_interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter (``TRITON_INTERPRET=1``) cannot run a kernel with a loop
+    bound given at run time in this environment, or None if it can (or Triton is absent).
+
+    Triton 3.6's interpreter turns a scalar into a Python int with ``int()`` of a one-element
+    array, which numpy 2.5 refuses; Triton 3.8's does not. Probed with a tiny kernel, in this
+    process, with ``TRITON_INTERPRET`` set only while it is defined and run.
+    """
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        @triton.jit
+        def count(out_ptr, n):
+            total = 0
+            for _ in range(0, n):
+                total += 1
+            tl.store(out_ptr, total)
+
+        out = torch.zeros(1, dtype=torch.int32)
+        count[(1,)](out, 3)
+        if int(out) != 3:
+            return f"Triton {triton.__version__}'s interpreter counted {int(out)}, not 3"
+    except Exception as e:  # the interpreter's own failure, whatever its type
+        import numpy
+
+        return (f"Triton {triton.__version__}'s interpreter cannot run a loop with a run-time "
+                f"bound under numpy {numpy.__version__}: {type(e).__name__}: {e}")
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    return None

@@ -12,6 +12,9 @@ buffer and the parameters exist before and are not counted): on the CPU from the
 events of PyTorch's profiler (``profile_memory=True``), on CUDA from
 ``torch.cuda.max_memory_allocated``.
 
+With ``--amp`` (CUDA) the layers are timed a second time with float16 inputs under
+``torch.autocast`` (parameters and MABN statistics float32), as in mixed-precision training.
+
 Model level: one Mask R-CNN R50-FPN training iteration (forward, backward, SGD step; 2
 synthetic images with 3 boxes and masks each) with MABN / BN / GN in the same places (ResNet,
 FPN, 4conv-1fc box head, mask head), and inference per image with fused MABN
@@ -28,9 +31,15 @@ environment turns it off. ``--reuse-memory`` restarts the benchmark with glibc's
 are reused, as caching allocators (jemalloc, tcmalloc: PyTorch's CPU performance advice) do.
 The JSON records both settings.
 
+On CUDA, ``targets`` in the JSON (and the last table) compares the ratios with this
+project's targets: layer MABN2d <= 1.0 x cuDNN BatchNorm2d (float32 and AMP), layer peak
+memory <= BN, model training iteration <= 1.02 x BN and below GN, fused-MABN inference equal
+to FrozenBN within the run-to-run noise.
+
 Examples::
 
     python tools/benchmark.py                      # everything, CPU (or CUDA if present)
+    python tools/benchmark.py --device cuda --amp --image-size 800 --image-width 1333
     python tools/benchmark.py --only layer --reuse-memory
     MABN_D2_CPU_CACHE_MB=0 python tools/benchmark.py --only layer
     python tools/benchmark.py --quick              # small subset, a minute or two
@@ -228,7 +237,7 @@ class LayerCandidate:
     fused: bool = True  # the C++ fused training step (else the four separate kernels)
 
 
-def layer_candidates(c: int) -> dict[str, LayerCandidate]:
+def layer_candidates(c: int, device: torch.device) -> dict[str, LayerCandidate]:
     candidates = {
         "MABN2d": LayerCandidate(steady_state(MABN2d(c)), "auto"),
         # The four separate C++ kernels (no fused step): what the fused step saves.
@@ -238,13 +247,15 @@ def layer_candidates(c: int) -> dict[str, LayerCandidate]:
         "GroupNorm32": LayerCandidate(nn.GroupNorm(32, c)),
         "naive_MABN": LayerCandidate(steady_state(NaiveMABN2d(c))),
     }
-    if kernels.backend_for(torch.zeros(1, 1, 1, 1)) != "cpp":
-        del candidates["MABN2d_unfused"]  # no C++ kernels here
+    if kernels.backend_for(torch.zeros(1, 1, 1, 1, device=device)) != "cpp":
+        del candidates["MABN2d_unfused"]  # no C++ kernels for this device
     return candidates
 
 
-def layer_step(candidate: LayerCandidate, x: Tensor, dy: Tensor) -> Callable[[], None]:
-    """One training forward + backward of the candidate's module, with its kernel choices."""
+def layer_step(candidate: LayerCandidate, x: Tensor, dy: Tensor,
+               amp: bool = False) -> Callable[[], None]:
+    """One training forward + backward of the candidate's module, with its kernel choices
+    (``amp``: under float16 autocast)."""
     module = candidate.module
 
     def run() -> None:
@@ -255,20 +266,24 @@ def layer_step(candidate: LayerCandidate, x: Tensor, dy: Tensor) -> Callable[[],
             if candidate.backend:
                 stack.enter_context(kernels.use_backend(candidate.backend))
                 stack.enter_context(kernels.use_fused_step(candidate.fused))
+            if amp:
+                stack.enter_context(torch.autocast(x.device.type, dtype=torch.float16))
             module(x).backward(dy)
 
     return run
 
 
 def bench_shape(shape: tuple[int, ...], repeats: int, device: torch.device,
-                with_memory: bool) -> list[dict]:
+                with_memory: bool, amp: bool = False) -> list[dict]:
+    """Layer rows of one shape; ``amp``: float16 inputs under autocast (float32 parameters)."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = (torch.randn(shape, generator=g) * 2 + 0.3).to(device).requires_grad_()
-    dy = torch.randn(shape, generator=g).to(device)
+    dtype = torch.float16 if amp else torch.float32
+    x = (torch.randn(shape, generator=g) * 2 + 0.3).to(device, dtype).requires_grad_()
+    dy = torch.randn(shape, generator=g).to(device, dtype)
     steps = {}
-    for name, candidate in layer_candidates(shape[1]).items():
+    for name, candidate in layer_candidates(shape[1], device).items():
         candidate.module.to(device).train()
-        steps[name] = layer_step(candidate, x, dy)
+        steps[name] = layer_step(candidate, x, dy, amp)
     timing = interleaved_medians(steps, repeats, warmup=2, device=device, block_s=LAYER_BLOCK_S)
     memory = {}
     if with_memory:
@@ -279,7 +294,8 @@ def bench_shape(shape: tuple[int, ...], repeats: int, device: torch.device,
     bn_first = timing["BatchNorm2d"]["first_call_median_s"]
     rows = []
     for name, t in timing.items():
-        row = {"shape": list(shape), "candidate": name, **t, "ratio_to_bn": t["median_s"] / bn,
+        row = {"shape": list(shape), "precision": "amp_float16" if amp else "float32",
+               "candidate": name, **t, "ratio_to_bn": t["median_s"] / bn,
                "first_call_ratio_to_bn": t["first_call_median_s"] / bn_first}
         if with_memory:
             row["peak_bytes"] = memory[name]
@@ -288,20 +304,23 @@ def bench_shape(shape: tuple[int, ...], repeats: int, device: torch.device,
     return rows
 
 
-def bench_layers(shapes, repeats: int, device: torch.device, with_memory: bool) -> list[dict]:
+def bench_layers(shapes, repeats: int, device: torch.device, with_memory: bool,
+                 amp: bool = False) -> list[dict]:
+    """Rows of every shape in float32, and with ``amp`` again under float16 autocast."""
     rows = []
-    for shape in shapes:
-        shape_rows = bench_shape(shape, repeats, device, with_memory)
-        print_layer_rows(shape_rows)
-        rows += shape_rows
-        gc.collect()
+    for precision_amp in (False, True) if amp else (False,):
+        for shape in shapes:
+            shape_rows = bench_shape(shape, repeats, device, with_memory, precision_amp)
+            print_layer_rows(shape_rows)
+            rows += shape_rows
+            gc.collect()
     return rows
 
 
 def print_layer_rows(rows: list[dict]) -> None:
     shape = tuple(rows[0]["shape"])
     mabn = next(r for r in rows if r["candidate"] == "MABN2d")["median_s"]
-    print(f"\nlayer fwd+bwd, training mode, shape {shape}")
+    print(f"\nlayer fwd+bwd, training mode, shape {shape}, {rows[0]['precision']}")
     print(f"  {'candidate':<17}{'median ms':>10}{'/BN':>7}{'/MABN2d':>9}{'first/BN':>10}"
           f"{'peak MB':>9}{'mem/BN':>8}")
     for r in rows:
@@ -316,7 +335,7 @@ def print_layer_rows(rows: list[dict]) -> None:
 # Model level
 
 
-def model_cfg(norm: str, image_size: int, device: torch.device):
+def model_cfg(norm: str, image_size: int, device: torch.device, width: int | None = None):
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
@@ -326,7 +345,7 @@ def model_cfg(norm: str, image_size: int, device: torch.device):
     cfg.MODEL.ROI_BOX_HEAD.NORM = cfg.MODEL.ROI_MASK_HEAD.NORM = norm
     cfg.MODEL.DEVICE = str(device)
     cfg.INPUT.MIN_SIZE_TEST = image_size
-    cfg.INPUT.MAX_SIZE_TEST = image_size * 2
+    cfg.INPUT.MAX_SIZE_TEST = max(width or 0, image_size * 2)
     # The same work for every model whatever its (random) weights: no proposal is suppressed
     # (exactly POST_NMS_TOPK proposals per image) and every model returns 100 detections.
     cfg.MODEL.RPN.NMS_THRESH = 1.0
@@ -334,12 +353,18 @@ def model_cfg(norm: str, image_size: int, device: torch.device):
     return cfg
 
 
-def synthetic_batch(n: int, image_size: int, device: torch.device, seed: int = 0) -> list[dict]:
-    """``n`` images (3, S, 4S/3) with 3 boxes and their box masks each, detectron2's format."""
+def image_width(image_size: int, width: int | None) -> int:
+    return width or image_size * 4 // 3
+
+
+def synthetic_batch(n: int, image_size: int, device: torch.device, seed: int = 0,
+                    width: int | None = None) -> list[dict]:
+    """``n`` images (3, S, W) (``W = 4S/3`` unless given) with 3 boxes and their box masks
+    each, detectron2's format."""
     from detectron2.structures import BitMasks, Boxes, Instances
 
     g = torch.Generator().manual_seed(seed)
-    h, w = image_size, image_size * 4 // 3
+    h, w = image_size, image_width(image_size, width)
     batch = []
     for _ in range(n):
         xy = torch.rand(3, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
@@ -355,14 +380,15 @@ def synthetic_batch(n: int, image_size: int, device: torch.device, seed: int = 0
     return batch
 
 
-def bench_model_training(repeats: int, image_size: int, device: torch.device) -> list[dict]:
+def bench_model_training(repeats: int, image_size: int, device: torch.device,
+                         width: int | None = None) -> list[dict]:
     from detectron2.modeling import build_model
 
-    batch = synthetic_batch(2, image_size, device)
+    batch = synthetic_batch(2, image_size, device, width=width)
     steps = {}
     for norm in ("MABN", "BN", "GN"):
         torch.manual_seed(0)
-        model = steady_state(build_model(model_cfg(norm, image_size, device)).train())
+        model = steady_state(build_model(model_cfg(norm, image_size, device, width)).train())
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
         def step(model=model, opt=opt) -> None:
@@ -376,29 +402,31 @@ def bench_model_training(repeats: int, image_size: int, device: torch.device) ->
 
     with EventStorage(0):  # detectron2's training-time loss logging needs one
         timing = interleaved_medians(steps, repeats, warmup=1, device=device)
-    rows = [{"candidate": k, "images": 2, "image_size": image_size, **v,
+    w = image_width(image_size, width)
+    rows = [{"candidate": k, "images": 2, "image_size": image_size, "image_width": w, **v,
              "ratio_to_bn": v["median_s"] / timing["BN"]["median_s"]} for k, v in timing.items()]
-    print(f"\nMask R-CNN R50-FPN training iteration (2 images of {image_size}x"
-          f"{image_size * 4 // 3}, forward + backward + SGD step)")
+    print(f"\nMask R-CNN R50-FPN training iteration (2 images of {image_size}x{w}, forward + "
+          "backward + SGD step)")
     for r in rows:
         print(f"  {r['candidate']:<10}{r['median_s']:>9.3f} s{r['ratio_to_bn']:>8.2f} x BN",
               flush=True)
     return rows
 
 
-def bench_model_inference(repeats: int, image_size: int, device: torch.device) -> list[dict]:
-    """Eager (``model(inputs)``, as ``DefaultPredictor``) and deployed
+def bench_model_inference(repeats: int, image_size: int, device: torch.device,
+                          width: int | None = None, deployed_too: bool = True) -> list[dict]:
+    """Eager (``model(inputs)``, as ``DefaultPredictor``) and, with ``deployed_too``, deployed
     (:func:`mabn_d2.deploy.trace.trace_for_deployment`: traced, frozen, optimized for inference)."""
     from detectron2.modeling import build_model
 
     from mabn_d2.deploy.trace import trace_for_deployment
 
-    image = synthetic_batch(1, image_size, device, seed=1)[0]["image"]
+    image = synthetic_batch(1, image_size, device, seed=1, width=width)[0]["image"]
     runs = {}
     info = {}
     for name, norm in (("fused_MABN", "MABN"), ("FrozenBN", "FrozenBN"), ("GN", "GN")):
         torch.manual_seed(0)
-        model = build_model(model_cfg(norm, image_size, device)).eval()
+        model = build_model(model_cfg(norm, image_size, device, width)).eval()
         if norm == "MABN":
             model = mabn_d2.fuse_mabn(model, inplace=True)
 
@@ -406,44 +434,102 @@ def bench_model_inference(repeats: int, image_size: int, device: torch.device) -
             with torch.no_grad():
                 return model([{"image": image}])
 
+        runs[name] = run
+        info[name] = {"detections": len(run()[0]["instances"])}
+        if not deployed_too:
+            continue
         deployed = trace_for_deployment(model, image)
         with torch.no_grad():
             eager = model.inference([{"image": image}], do_postprocess=False)[0]
         traced = deployed(image)
         # The deployed model must compute what the eager one does.
-        info[name] = {"detections": len(run()[0]["instances"])}
         info[f"{name}_deployed"] = {
             "detections": len(traced),
             "max_box_diff_to_eager": (traced.pred_boxes.tensor - eager.pred_boxes.tensor)
             .abs().max().item(),
             "max_score_diff_to_eager": (traced.scores - eager.scores).abs().max().item(),
         }
-        runs[name] = run
         runs[f"{name}_deployed"] = functools.partial(deployed, image)
     timing = interleaved_medians(runs, repeats, warmup=1, device=device)
+    w = image_width(image_size, width)
     rows = []
     for k, v in timing.items():
         mode = "_deployed" if k.endswith("_deployed") else ""
         frozen_bn, fused = timing[f"FrozenBN{mode}"], timing[f"fused_MABN{mode}"]
         rows.append({"candidate": k, "mode": "deployed" if mode else "eager",
-                     "image_size": image_size, **info[k], **v,
+                     "image_size": image_size, "image_width": w, **info[k], **v,
                      "ratio_to_frozen_bn": v["median_s"] / frozen_bn["median_s"],
                      "ratio_to_fused_mabn": v["median_s"] / fused["median_s"]})
+    if not deployed_too:
+        print_inference_rows(rows, f"{image_size}x{w}", "eager only")
+        return rows
     # Each model in its faster form: a deployment picks that, whichever it is.
     fastest = {name: min((timing[name], timing[f"{name}_deployed"]), key=lambda v: v["median_s"])
                for name in ("fused_MABN", "FrozenBN", "GN")}
     for name, v in fastest.items():
         rows.append({"candidate": f"{name}_fastest", "mode": "fastest",
                      "fastest_form": "deployed" if v is timing[f"{name}_deployed"] else "eager",
-                     "image_size": image_size, "detections": info[name]["detections"], **v,
+                     "image_size": image_size, "image_width": w,
+                     "detections": info[name]["detections"], **v,
                      "ratio_to_frozen_bn": v["median_s"] / fastest["FrozenBN"]["median_s"],
                      "ratio_to_fused_mabn": v["median_s"] / fastest["fused_MABN"]["median_s"]})
-    print(f"\nMask R-CNN R50-FPN inference per image ({image_size}x{image_size * 4 // 3}); "
-          "deployed: traced + frozen + optimize_for_inference; fastest: the faster of the two")
+    print_inference_rows(rows, f"{image_size}x{w}", "deployed: traced + frozen + "
+                         "optimize_for_inference; fastest: the faster of the two")
+    return rows
+
+
+def print_inference_rows(rows: list[dict], size: str, note: str) -> None:
+    print(f"\nMask R-CNN R50-FPN inference per image ({size}); {note}")
     for r in rows:
         print(f"  {r['candidate']:<20}{r['median_s']:>9.3f} s{r['ratio_to_frozen_bn']:>8.2f} x "
               f"FrozenBN{r['ratio_to_fused_mabn']:>8.2f} x fused MABN  "
               f"({r['detections']} detections)", flush=True)
+
+
+# This project's speed and memory targets (docs/speed.md); set for CUDA, where the
+# comparison is with cuDNN's BatchNorm.
+LAYER_TIME_TARGET = 1.0  # MABN2d / BatchNorm2d, forward + backward, float32 and AMP
+LAYER_MEMORY_TARGET = 1.0  # MABN2d / BatchNorm2d peak bytes
+TRAINING_TIME_TARGET = 1.02  # MABN / BN training iteration (and MABN below GN)
+NOISE_FLOOR = 0.01  # "equal within noise": at least 1 %
+
+
+def _target(name: str, value: float, limit: float | None, strict: bool = False) -> dict:
+    met = None if limit is None else (value < limit if strict else value <= limit)
+    return {"target": name, "value": value, "limit": limit,
+            "comparison": None if limit is None else ("<" if strict else "<="), "met": met}
+
+
+def targets(results: dict) -> list[dict]:
+    """Each target with the measured ratio, its limit and whether it is met (``met`` None: a
+    ratio reported without a target). Inference "equal to FrozenBN within noise": not slower
+    than FrozenBN by more than FrozenBN's own spread of run times (min to max, >= 1 %)."""
+    rows = []
+    for r in results.get("layer", []):
+        if r["candidate"] != "MABN2d":
+            continue
+        where = f"{tuple(r['shape'])} {r['precision']}"
+        rows.append(_target(f"layer time MABN2d / BN {where}", r["ratio_to_bn"],
+                            LAYER_TIME_TARGET))
+        if "peak_ratio_to_bn" in r:
+            rows.append(_target(f"layer peak memory MABN2d / BN {where}", r["peak_ratio_to_bn"],
+                                LAYER_MEMORY_TARGET))
+    training = {r["candidate"]: r for r in results.get("model_training", [])}
+    if training:
+        mabn = training["MABN"]
+        rows.append(_target("training iteration MABN / BN", mabn["ratio_to_bn"],
+                            TRAINING_TIME_TARGET))
+        rows.append(_target("training iteration MABN / GN",
+                            mabn["median_s"] / training["GN"]["median_s"], 1.0, strict=True))
+    inference = {r["candidate"]: r for r in results.get("model_inference", [])
+                 if r["mode"] == "eager"}
+    if inference:
+        frozen = inference["FrozenBN"]
+        noise = max(NOISE_FLOOR, (frozen["max_s"] - frozen["min_s"]) / frozen["median_s"])
+        rows.append(_target("inference fused MABN / FrozenBN (eager)",
+                            inference["fused_MABN"]["ratio_to_frozen_bn"], 1.0 + noise))
+        rows.append(_target("inference GN / fused MABN (eager)",
+                            inference["GN"]["ratio_to_fused_mabn"], None))
     return rows
 
 
@@ -451,15 +537,16 @@ def markdown(results: dict) -> str:
     """The results as Markdown tables (for docs/speed.md and the README)."""
     lines = []
     if "layer" in results:
-        lines += ["| shape | candidate | median ms | / BN | naive / this | first call / BN "
-                  "| peak MB | mem / BN |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["| shape | precision | candidate | median ms | / BN | naive / this "
+                  "| first call / BN | peak MB | mem / BN |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in results["layer"]:
-            naive = next(q for q in results["layer"]
-                         if q["shape"] == r["shape"] and q["candidate"] == "naive_MABN")
+            naive = next(q for q in results["layer"] if q["shape"] == r["shape"]
+                         and q["precision"] == r["precision"] and q["candidate"] == "naive_MABN")
             mem = (f"{r['peak_bytes'] / 2**20:.1f} | {r['peak_ratio_to_bn']:.2f}"
                    if "peak_bytes" in r else "- | -")
-            lines.append(f"| {tuple(r['shape'])} | {r['candidate']} | {r['median_s'] * 1e3:.1f} "
+            lines.append(f"| {tuple(r['shape'])} | {r['precision']} | {r['candidate']} "
+                         f"| {r['median_s'] * 1e3:.1f} "
                          f"| {r['ratio_to_bn']:.2f} | {naive['median_s'] / r['median_s']:.2f} "
                          f"| {r['first_call_ratio_to_bn']:.2f} | {mem} |")
         lines.append("")
@@ -474,6 +561,13 @@ def markdown(results: dict) -> str:
         lines += [f"| {r['candidate']} | {r['median_s']:.2f} | {r['ratio_to_frozen_bn']:.2f} | "
                   f"{r['ratio_to_fused_mabn']:.2f} |" for r in results["model_inference"]]
         lines.append("")
+    if results.get("targets"):
+        lines += ["| target | measured | limit | met |", "| --- | ---: | ---: | --- |"]
+        for t in results["targets"]:
+            limit = "-" if t["limit"] is None else f"{t['comparison']} {t['limit']:.2f}"
+            met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+            lines.append(f"| {t['target']} | {t['value']:.3f} | {limit} | {met} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -485,15 +579,19 @@ def environment(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mabn_kernels": kernels.backend_for(torch.zeros(1, 1, 1, 1, device=device)),
-        "cpp_build_error": cpp.load_error(),
-        "mabn_output_cache_mib": cpp.output_cache_stats().get("limit", 0) >> 20,
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "cpu_memory": "reused (glibc MALLOC_MMAP_MAX_=0)" if os.environ.get(REUSE_ENV)
         else "default (fresh pages for large blocks)",
         "loadavg_start": os.getloadavg(),
     }
+    if device.type == "cpu":  # (builds the C++ kernels if not built yet)
+        info["mabn_output_cache_mib"] = cpp.output_cache_stats().get("limit", 0) >> 20
+        info["cpp_build_error"] = cpp.load_error()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["triton_self_check"] = kernels.self_check_results()
     return info
 
 
@@ -534,6 +632,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, help="timed runs per candidate (default 10)")
     parser.add_argument("--model-repeats", type=int, help="timed model runs (default 5)")
     parser.add_argument("--image-size", type=int, help="shorter image side (default 512)")
+    parser.add_argument("--image-width", type=int,
+                        help="image width (default 4/3 of --image-size)")
+    parser.add_argument("--amp", action="store_true",
+                        help="layers also with float16 inputs under autocast (CUDA)")
+    parser.add_argument("--no-deployed", action="store_true",
+                        help="inference: eager models only (no tracing)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory runs")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", default="output/benchmark/benchmark.json",
@@ -561,13 +665,21 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"environment: {json.dumps(results['environment'])}")
     if args.only in (None, "layer"):
         results["layer"] = bench_layers(
-            parse_shapes(args.shapes, args.quick), repeats, device, not args.no_memory
+            parse_shapes(args.shapes, args.quick), repeats, device, not args.no_memory, args.amp
         )
     if args.only in (None, "model", "training"):
-        results["model_training"] = bench_model_training(model_repeats, image_size, device)
+        results["model_training"] = bench_model_training(model_repeats, image_size, device,
+                                                         args.image_width)
     if args.only in (None, "model", "inference"):
-        results["model_inference"] = bench_model_inference(model_repeats, image_size, device)
+        results["model_inference"] = bench_model_inference(
+            model_repeats, image_size, device, args.image_width, not args.no_deployed)
     results["environment"]["loadavg_end"] = os.getloadavg()
+    results["targets"] = targets(results)
+    if device.type == "cuda":
+        print("\ntargets (CUDA)")
+        for t in results["targets"]:
+            verdict = "-" if t["met"] is None else ("met" if t["met"] else "NOT MET")
+            print(f"  {t['target']:<58}{t['value']:>8.3f}  {verdict}", flush=True)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

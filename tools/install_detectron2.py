@@ -92,9 +92,10 @@ def install_from_git() -> bool:
     return result.returncode == 0
 
 
-def install_pure_v06(workdir: Path) -> None:
-    if pip("install", *V06_REQUIREMENTS).returncode != 0:
-        sys.exit("install_detectron2: installing detectron2 v0.6's requirements failed")
+def prepare_pure_v06_source(workdir: Path) -> Path:
+    """Download the v0.6 sdist into ``workdir`` and make it an installable pure-Python source
+    tree (compiled ops replaced by the stand-in ``detectron2/_C.py``); returns the tree, ready
+    for ``pip install`` or ``pip wheel`` (``tools/gpu_wheelhouse.py``). Exits on failure."""
     download = pip(
         "download", "--no-deps", "--no-build-isolation", SDIST, "-d", str(workdir)
     )
@@ -117,6 +118,13 @@ def install_pure_v06(workdir: Path) -> None:
     (source / "setup.py").write_text(PURE_SETUP_PY)
     for stale in ("setup.cfg", "pyproject.toml"):
         (source / stale).unlink(missing_ok=True)
+    return source
+
+
+def install_pure_v06(workdir: Path) -> None:
+    if pip("install", *V06_REQUIREMENTS).returncode != 0:
+        sys.exit("install_detectron2: installing detectron2 v0.6's requirements failed")
+    source = prepare_pure_v06_source(workdir)
     if pip("install", "--no-deps", "--no-build-isolation", str(source)).returncode != 0:
         sys.exit("install_detectron2: installing the v0.6 sources failed")
     print(

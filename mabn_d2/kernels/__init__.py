@@ -16,9 +16,15 @@ per-process statistics (not with ``sync``); :func:`use_fused_step` turns it off,
 Backends, chosen per call from the tensors (``"auto"``, the default):
 
 * ``"cpp"`` -- C++ kernels (:mod:`mabn_d2.kernels.cpp`) for contiguous CPU tensors;
-* ``"triton"`` -- Triton kernels (:mod:`mabn_d2.kernels.triton`) for contiguous CUDA tensors;
+* ``"triton"`` -- Triton kernels (:mod:`mabn_d2.kernels.triton`) for contiguous CUDA tensors
+  (and, chosen explicitly, CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``);
 * ``"plain"`` -- PyTorch ops (:mod:`mabn_d2.kernels.plain`): everything else, and the
   fallback when the C++ kernels cannot be built or Triton is not installed (with a warning).
+
+Before the Triton kernels first serve a ``(device, dtype)`` they are compared with the plain
+kernels on a small input (:mod:`mabn_d2.kernels.selfcheck`); a kernel that raises or differs
+is never used: one warning names it, and the plain kernels serve that ``(device, dtype)``
+from then on, whichever backend was asked for. :func:`self_check_results` lists the verdicts.
 
 All backends keep float32 arithmetic and statistics for half inputs (float64 for float64):
 :func:`statistics_dtype` is that rule, for every part of mabn_d2.
@@ -40,6 +46,7 @@ import torch
 from torch import Tensor
 
 from . import cpp, plain
+from .selfcheck import SelfCheck
 
 __all__ = [
     "BACKENDS",
@@ -54,6 +61,7 @@ __all__ = [
     "use_backend",
     "fused_step_applies",
     "use_fused_step",
+    "self_check_results",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +71,7 @@ _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _backend = "auto"
 _fused_step = True
 _triton_module: ModuleType | None | bool = None  # None: not tried; False: unavailable
+_triton_check = SelfCheck("Triton")
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -139,6 +148,21 @@ def _triton() -> ModuleType | None:
     return _triton_module or None
 
 
+def self_check_results() -> dict[str, dict[str, str]]:
+    """The Triton kernels' self-check verdicts so far: ``{"<device> <dtype>": {kernel: why it
+    failed}}``, an empty inner dict where all four passed (see :mod:`.selfcheck`)."""
+    return _triton_check.results()
+
+
+def _triton_serves(backend: str, device: str) -> bool:
+    """Whether the Triton backend may take tensors of this device type: CUDA, or the CPU when
+    Triton was chosen explicitly and runs in its interpreter (tests, no GPU)."""
+    if device == "cuda":
+        return backend in ("auto", "triton")
+    return (backend == "triton" and device == "cpu"
+            and os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def _fast_layout(*tensors: Tensor) -> bool:
     first = tensors[0]
     return all(
@@ -183,10 +207,12 @@ def _select(*tensors: Tensor) -> tuple[str, Any]:
     fast = _fast_layout(*tensors)
     if backend in ("auto", "cpp") and device == "cpu" and fast and cpp.load():
         return "cpp", _CppOps
-    if backend in ("auto", "triton") and device == "cuda" and fast:
+    if fast and _triton_serves(backend, device):
         module = _triton()
         if module is not None:
-            return "triton", module
+            if _triton_check.passes(module, tensors[0]):
+                return "triton", module
+            return "plain", plain  # failed its self-check (warned once)
     if backend != "auto":
         raise RuntimeError(
             f"mabn_d2 kernels: backend {backend!r} cannot handle {device} tensors of dtype "

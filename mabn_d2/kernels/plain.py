@@ -22,6 +22,8 @@ def _per_channel(v: Tensor, like: Tensor) -> Tensor:
 def second_moment(x: Tensor, out_dtype: torch.dtype) -> Tensor:
     """``mean(x^2)`` per channel of ``x (N, C, H, W)``, accumulated in ``out_dtype``."""
     xs = x if x.dtype == out_dtype else x.to(out_dtype)
+    if xs.device.type == "meta":  # shapes only (no meta kernel below): mean, same result
+        return (xs * xs).mean(_REDUCE_DIMS)
     # batch_norm_update_stats is a one-pass (Welford) mean/var kernel on CPU and CUDA;
     # E[x^2] = var + mean^2 adds two non-negative terms, so nothing cancels.
     mean, var = torch.batch_norm_update_stats(xs, None, None, 0.0)

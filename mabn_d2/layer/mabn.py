@@ -253,14 +253,33 @@ class MABN2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        group = self._sync_group() if self.training else None
+        if self.training:
+            return self._train_step(x)
+        if x.numel() == 0:
+            return self._empty_output(x)
+        return mabn_eval(x, self.weight, self.bias, self.running_second_moment, self.eps)
+
+    def _empty_output(self, x: Tensor) -> Tensor:
+        # Zero RoIs etc.: keep the graph (zero gradients) and leave all state untouched.
+        return x * self.weight.view(1, -1, 1, 1).to(x.dtype) + self.bias.view(1, -1, 1, 1).to(
+            x.dtype
+        )
+
+    # torch.compile runs the training step eagerly (a graph break around it): its schedule
+    # is host state that changes every step, which would recompile the graph at each one.
+    @torch.compiler.disable
+    def _train_step(self, x: Tensor) -> Tensor:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"{self._describe()}: a training step cannot be captured in a CUDA graph: its "
+                "schedule (buffer slot, batch or moving-average statistics, renorm) is decided "
+                "on the host at every step, so a replayed graph would repeat the captured "
+                "step's schedule. Capture the model in eval mode (or after mabn_d2.fuse_mabn), "
+                "and run training steps eagerly."
+            )
+        group = self._sync_group()
         if x.numel() == 0 and group is None:
-            # Zero RoIs etc.: keep the graph (zero gradients) and leave all state untouched.
-            return x * self.weight.view(1, -1, 1, 1).to(x.dtype) + self.bias.view(
-                1, -1, 1, 1
-            ).to(x.dtype)
-        if not self.training:
-            return mabn_eval(x, self.weight, self.bias, self.running_second_moment, self.eps)
+            return self._empty_output(x)
         step = self._next_step()
         y, finite = mabn_train(
             x.contiguous(),
