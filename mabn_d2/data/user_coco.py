@@ -12,12 +12,18 @@ with detectron2's ``register_coco_instances`` and can then be named in ``DATASET
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-__all__ = ["add_dataset_config", "register_coco_from_cfg", "check_num_classes"]
+__all__ = [
+    "add_dataset_config",
+    "register_coco_from_cfg",
+    "check_num_classes",
+    "check_dataset_classes",
+]
 
 
 def add_dataset_config(cfg: CfgNode) -> CfgNode:
@@ -71,16 +77,24 @@ def register_coco_from_cfg(cfg: CfgNode) -> list[str]:
 
 
 def check_num_classes(cfg: CfgNode, dataset_names: list[str] | tuple[str, ...]) -> None:
-    """Fail clearly when a dataset's category count differs from the model's.
+    """Fail clearly when a dataset's category count differs from the model's
+    (``MODEL.ROI_HEADS.NUM_CLASSES``); see :func:`check_dataset_classes`."""
+    check_dataset_classes(cfg.MODEL.ROI_HEADS.NUM_CLASSES, dataset_names,
+                          key="MODEL.ROI_HEADS.NUM_CLASSES", fix="MODEL.ROI_HEADS.NUM_CLASSES {}")
+
+
+def check_dataset_classes(
+    num_classes: int, dataset_names: Iterable[str], key: str, fix: str
+) -> None:
+    """Fail clearly when a dataset's category count differs from ``num_classes``, the value of
+    config key ``key``; ``fix.format(n)`` is the override that fixes it.
 
     Call after the datasets were loaded (their ``thing_classes`` are then known).
     """
-    expected = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     for name in dataset_names:
         classes = MetadataCatalog.get(name).get("thing_classes")
-        if classes is not None and len(classes) != expected:
+        if classes is not None and len(classes) != num_classes:
             raise ValueError(
-                f"Dataset {name!r} has {len(classes)} categories but "
-                f"MODEL.ROI_HEADS.NUM_CLASSES is {expected}; set MODEL.ROI_HEADS.NUM_CLASSES "
-                f"{len(classes)}"
+                f"Dataset {name!r} has {len(classes)} categories but {key} is {num_classes}; "
+                f"set {fix.format(len(classes))}"
             )
