@@ -296,11 +296,17 @@ def test_lazy_demo_model_equals_the_yaml_demo_model():
 
     yaml = yaml_cfg(DEMO_YAML)
     lazy = lazy_cfg(DEMO_LAZY)
-    expected = structure(build_model(yaml))
+    torch.manual_seed(0)
+    by_yaml = build_model(yaml)
+    torch.manual_seed(0)
+    by_lazy = instantiate(lazy.model)
+    expected = structure(by_yaml)
     assert len(expected["mabn"]) == 36
     assert expected["centralized"] == {n.removesuffix(".norm") for n in expected["mabn"]}
     assert {s["buffer_size"] for s in expected["mabn"].values()} == {4}
-    assert structure(instantiate(lazy.model)) == expected
+    assert structure(by_lazy) == expected
+    # built in the same order: the same initial weights from the same seed
+    assert_all_close(by_lazy.state_dict(), by_yaml.state_dict(), "initial weights")
     # the schedule and data
     assert lazy.train.max_iter == yaml.SOLVER.MAX_ITER
     assert lazy.dataloader.train.total_batch_size == yaml.SOLVER.IMS_PER_BATCH
@@ -333,20 +339,27 @@ def test_lazy_settings_node_reaches_every_layer_through_overrides_and_save(tmp_p
 
 
 def test_centralization_opt_out_is_the_same_in_both_config_systems():
-    """YAML: ``MODEL.MABN.CENTRALIZE_EXCLUDE``; LazyConfig: the part's own settings node with
-    ``centralize_weights=False``."""
+    """YAML: ``MODEL.MABN.CENTRALIZE_EXCLUDE``; LazyConfig: the part's settings derived from
+    the shared node with ``centralize_weights=False`` (its other values follow the node)."""
     from detectron2.config import LazyCall as L
-    from detectron2.config import instantiate
+    from detectron2.config import LazyConfig, instantiate
     from detectron2.modeling import build_model
 
-    from mabn_d2 import MABNSettings
+    from mabn_d2.integration.lazy import derive_settings
 
-    yaml = yaml_cfg(DEMO_YAML, "MODEL.MABN.CENTRALIZE_EXCLUDE", "['backbone.bottom_up']")
+    yaml = yaml_cfg(DEMO_YAML, "MODEL.MABN.CENTRALIZE_EXCLUDE", "['backbone.bottom_up']",
+                    "MODEL.MABN.BUFFER_SIZE", "6")
     lazy = lazy_cfg(DEMO_LAZY)
     bottom_up = lazy.model.backbone.bottom_up
-    bottom_up.stem.norm = bottom_up.stages.norm = L(MABNSettings)(
-        buffer_size=4, centralize_weights=False)
-    by_yaml = structure(build_model(yaml))["centralized"]
-    by_lazy = structure(instantiate(lazy.model))["centralized"]
-    assert by_lazy == by_yaml
-    assert by_yaml and not any(n.startswith("backbone.bottom_up.") for n in by_yaml)
+    bottom_up.stem.norm = bottom_up.stages.norm = L(derive_settings)(
+        base="${mabn}", centralize_weights=False)
+    lazy = LazyConfig.apply_overrides(lazy, ["mabn.buffer_size=6"])  # reaches the derived too
+    by_yaml = structure(build_model(yaml))
+    by_lazy = structure(instantiate(lazy.model))
+    assert by_lazy["centralized"] == by_yaml["centralized"]
+    assert by_yaml["centralized"]
+    assert not any(n.startswith("backbone.bottom_up.") for n in by_yaml["centralized"])
+    excluded = {n for n in by_lazy["mabn"] if n.startswith("backbone.bottom_up.")}
+    for name, settings in by_lazy["mabn"].items():
+        assert settings["buffer_size"] == 6, name
+        assert settings["centralize_weights"] == (name not in excluded), name

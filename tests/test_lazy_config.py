@@ -67,6 +67,20 @@ def test_a_part_with_its_own_settings_node_is_checked_under_its_key():
         validate_lazy_config(cfg)
 
 
+def test_a_derived_settings_node_is_checked_under_its_key():
+    from detectron2.config import LazyCall as L
+
+    from mabn_d2.integration.lazy import derive_settings, validate_lazy_config
+
+    cfg = demo()
+    cfg.model.backbone.norm = L(derive_settings)(base="${mabn}", renorm_clip=0.0)
+    with pytest.raises(ValueError, match=r"^model\.backbone\.norm\.renorm_clip must be a finite "
+                                         r"number >= 1, got 0\.0$"):
+        validate_lazy_config(cfg)
+    with pytest.raises(TypeError, match=r"base must be MABNSettings \(e\.g\. base='\$\{mabn\}'\)"):
+        derive_settings(base="MABN", centralize_weights=False)
+
+
 def test_a_reference_to_a_missing_settings_node_says_what_to_define():
     from mabn_d2.integration.lazy import validate_lazy_config
 

@@ -13,8 +13,12 @@ A LazyConfig gives MABN its settings the detectron2 way, as a norm factory (dete
 ``instantiate(cfg.model)`` resolves each ``"${mabn}"`` to that node and builds an
 :class:`~mabn_d2.MABNSettings` per part (equal values), so ``mabn.buffer_size=8`` on the
 command line (``LazyConfig.apply_overrides``) changes every layer, and the config saved by
-``LazyConfig.save`` keeps the references. A part that needs other settings gets its own node,
-e.g. ``L(MABNSettings)(centralize_weights=False)`` for pretrained convs.
+``LazyConfig.save`` keeps the references. A part that needs one setting changed derives its
+node from the shared one, e.g. plain weights for the pretrained convs of a fine-tuned
+backbone (YAML's ``MODEL.MABN.CENTRALIZE_EXCLUDE``)::
+
+    model.backbone.bottom_up.stem.norm = model.backbone.bottom_up.stages.norm = \
+        L(derive_settings)(base="${mabn}", centralize_weights=False)
 
 ``instantiate`` refuses a bad value when it builds the first layer, naming the argument
 (``buffer_size must be an integer >= 1, got 0``). :func:`validate_lazy_config` checks the whole
@@ -41,6 +45,7 @@ from .norm import NORM_NAME, UnknownNormError
 __all__ = [
     "SETTINGS_NODE",
     "CALIBRATION_NODE",
+    "derive_settings",
     "target_of",
     "find_mabn_nodes",
     "validate_lazy_config",
@@ -56,6 +61,21 @@ CALIBRATION_NODE = "train.mabn_calibration"
 # The arguments through which detectron2's modules take a norm.
 _NORM_ARGUMENTS = ("norm", "conv_norm")
 _SETTING_NAMES = {setting.name for setting in SETTINGS}
+
+
+def derive_settings(base: MABNSettings, **changes: Any) -> MABNSettings:
+    """``base`` with ``changes`` (validated, errors naming the field): in a LazyConfig,
+    ``L(derive_settings)(base="${mabn}", centralize_weights=False)`` follows every other value
+    of the shared node, overrides included."""
+    if not isinstance(base, MABNSettings):
+        reference = "${" + SETTINGS_NODE + "}"
+        raise TypeError(f"derive_settings: base must be MABNSettings (e.g. base={reference!r}), "
+                        f"got {type(base).__name__}")
+    return MABNSettings(**{**base.layer_kwargs(), **changes})
+
+
+# The LazyCall targets whose nodes set MABN values.
+_SETTINGS_TARGETS = (MABNSettings, derive_settings, MABN2d)
 
 
 def target_of(node: DictConfig) -> Any:
@@ -93,21 +113,25 @@ def _walk(
 
 
 def find_mabn_nodes(cfg: DictConfig) -> dict[str, DictConfig]:
-    """``{full key: node}`` of every ``L(MABNSettings)(...)`` and ``L(MABN2d)(...)`` node in
-    ``cfg`` (the nodes that set MABN values)."""
+    """``{full key: node}`` of every ``L(MABNSettings)(...)``, ``L(derive_settings)(...)`` and
+    ``L(MABN2d)(...)`` node in ``cfg`` (the nodes that set MABN values)."""
     nodes = {}
     for parent, key, full_key in _walk(cfg):
         if OmegaConf.is_interpolation(parent, key) or OmegaConf.is_missing(parent, key):
             continue
         child = parent[key]
-        if isinstance(child, DictConfig) and target_of(child) in (MABNSettings, MABN2d):
+        if isinstance(child, DictConfig) and target_of(child) in _SETTINGS_TARGETS:
             nodes[full_key] = child
     return nodes
 
 
 def _check_settings_node(node: DictConfig, path: str) -> None:
     arguments = {key: node[key] for key in node.keys() if key != "_target_"}
-    if target_of(node) is MABNSettings:
+    target = target_of(node)
+    if target is MABNSettings:
+        MABNSettings.from_mapping(arguments, key=lambda name: f"{path}.{name}")
+    elif target is derive_settings:  # base: the node it points at is checked where defined
+        arguments.pop("base", None)
         MABNSettings.from_mapping(arguments, key=lambda name: f"{path}.{name}")
     else:  # MABN2d(num_features, ...): its other arguments are checked by the layer
         for name in _SETTING_NAMES & set(arguments):
