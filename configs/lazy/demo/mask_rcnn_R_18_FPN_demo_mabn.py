@@ -30,26 +30,26 @@ mabn = L(MABNSettings)(
 )
 
 # ResNet-18: basic blocks (no 1x1 convs, hence no stride_in_1x1), widths 64 ... 512.
-bottom_up = model.backbone.bottom_up
-bottom_up.stages.depth = 18
-del bottom_up.stages.stride_in_1x1
+_bottom_up = model.backbone.bottom_up
+_bottom_up.stages.depth = 18
+del _bottom_up.stages.stride_in_1x1
 model.backbone.out_channels = 64
 
-rpn = model.proposal_generator
-rpn.head.in_channels = 64
-rpn.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
-rpn.pre_nms_topk = (1000, 500)  # (training, test), per FPN level
-rpn.post_nms_topk = (500, 250)
+_rpn = model.proposal_generator
+_rpn.head.in_channels = 64
+_rpn.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
+_rpn.pre_nms_topk = (1000, 500)  # (training, test), per FPN level
+_rpn.post_nms_topk = (500, 250)
 
-roi_heads = model.roi_heads
-roi_heads.num_classes = 4
-roi_heads.batch_size_per_image = 128
-roi_heads.box_head.input_shape = ShapeSpec(channels=64, height=7, width=7)
-roi_heads.box_head.conv_dims = [64, 64, 64, 64]
-roi_heads.box_head.fc_dims = [256]
-roi_heads.box_predictor.input_shape = ShapeSpec(channels=256)
-roi_heads.mask_head.input_shape = ShapeSpec(channels=64, width=14, height=14)
-roi_heads.mask_head.conv_dims = [64, 64, 64, 64, 64]  # 4 convs + the deconv
+_roi_heads = model.roi_heads
+_roi_heads.num_classes = 4
+_roi_heads.batch_size_per_image = 128
+_roi_heads.box_head.input_shape = ShapeSpec(channels=64, height=7, width=7)
+_roi_heads.box_head.conv_dims = [64, 64, 64, 64]
+_roi_heads.box_head.fc_dims = [256]
+_roi_heads.box_predictor.input_shape = ShapeSpec(channels=256)
+_roi_heads.mask_head.input_shape = ShapeSpec(channels=64, width=14, height=14)
+_roi_heads.mask_head.conv_dims = [64, 64, 64, 64, 64]  # 4 convs + the deconv
 
 dataloader.train.dataset.names = "mabn_demo_shapes_train"
 dataloader.train.mapper.augmentations = [

@@ -6,7 +6,6 @@
 # settings small enough that a few iterations pass through batch statistics, moving averages
 # and renorm.
 # Expected: after a few iterations, AP near 0; the run checks the machinery, not accuracy.
-import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
@@ -24,16 +23,13 @@ model.roi_heads.box_predictor.test_score_thresh = 0.0
 model.roi_heads.box_predictor.test_topk_per_image = 10
 
 dataloader.train.dataset.names = "coco_2017_train"
-dataloader.train.mapper.augmentations = [
-    L(T.ResizeShortestEdge)(short_edge_length=(160,), max_size=256, sample_style="choice"),
-    L(T.RandomFlip)(horizontal=True),
-]
+_train_resize = dataloader.train.mapper.augmentations[0]  # the demo's ResizeShortestEdge
+_train_resize.short_edge_length, _train_resize.max_size = (160,), 256
 dataloader.train.total_batch_size = 2
 dataloader.train.num_workers = 0
 dataloader.test.dataset.names = "coco_2017_val"
-dataloader.test.mapper.augmentations = [
-    L(T.ResizeShortestEdge)(short_edge_length=160, max_size=256),
-]
+_test_resize = dataloader.test.mapper.augmentations[0]
+_test_resize.short_edge_length, _test_resize.max_size = 160, 256
 dataloader.test.num_workers = 0
 
 optimizer.lr = 0.01
