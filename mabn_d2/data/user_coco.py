@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -28,8 +29,14 @@ from detectron2.data.datasets import register_coco_instances
 from ..file_io import atomic_write
 from .annotation_checks import describe_invalid, find_invalid_annotations, without_annotations
 
-__all__ = ["add_dataset_config", "register_coco_from_cfg", "check_num_classes",
-           "drop_invalid_annotations", "CHECKED_ANNOTATIONS_DIR"]
+__all__ = [
+    "add_dataset_config",
+    "register_coco_from_cfg",
+    "check_num_classes",
+    "check_dataset_classes",
+    "drop_invalid_annotations",
+    "CHECKED_ANNOTATIONS_DIR",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -145,16 +152,24 @@ def register_coco_from_cfg(cfg: CfgNode) -> list[str]:
 
 
 def check_num_classes(cfg: CfgNode, dataset_names: list[str] | tuple[str, ...]) -> None:
-    """Fail clearly when a dataset's category count differs from the model's.
+    """Fail clearly when a dataset's category count differs from the model's
+    (``MODEL.ROI_HEADS.NUM_CLASSES``); see :func:`check_dataset_classes`."""
+    check_dataset_classes(cfg.MODEL.ROI_HEADS.NUM_CLASSES, dataset_names,
+                          key="MODEL.ROI_HEADS.NUM_CLASSES", fix="MODEL.ROI_HEADS.NUM_CLASSES {}")
+
+
+def check_dataset_classes(
+    num_classes: int, dataset_names: Iterable[str], key: str, fix: str
+) -> None:
+    """Fail clearly when a dataset's category count differs from ``num_classes``, the value of
+    config key ``key``; ``fix.format(n)`` is the override that fixes it.
 
     Call after the datasets were loaded (their ``thing_classes`` are then known).
     """
-    expected = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     for name in dataset_names:
         classes = MetadataCatalog.get(name).get("thing_classes")
-        if classes is not None and len(classes) != expected:
+        if classes is not None and len(classes) != num_classes:
             raise ValueError(
-                f"Dataset {name!r} has {len(classes)} categories but "
-                f"MODEL.ROI_HEADS.NUM_CLASSES is {expected}; set MODEL.ROI_HEADS.NUM_CLASSES "
-                f"{len(classes)}"
+                f"Dataset {name!r} has {len(classes)} categories but {key} is {num_classes}; "
+                f"set {fix.format(len(classes))}"
             )

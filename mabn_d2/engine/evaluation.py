@@ -12,10 +12,12 @@ import logging
 import math
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
 from tabulate import tabulate
 
 from ..data.annotation_checks import describe_invalid, find_invalid_annotations, without_annotations
@@ -23,13 +25,18 @@ from ..file_io import atomic_write
 
 __all__ = [
     "CheckedCOCOEvaluator",
+    "EVAL_RESULTS_FILE",
     "has_compiled_coco_eval",
+    "coco_evaluator",
     "build_coco_evaluator",
     "save_eval_results",
     "summary_table",
+    "report_eval_results",
 ]
 
 logger = logging.getLogger(__name__)
+# Written to the output directory by every evaluation: {dataset: {"bbox"/"segm": {metric: value}}}.
+EVAL_RESULTS_FILE = "eval_results.json"
 _SUMMARY_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -59,11 +66,30 @@ class CheckedCOCOEvaluator(COCOEvaluator):
             gt.createIndex()
 
 
+def coco_evaluator(
+    dataset_name: str, output_dir: str | None = None, **kwargs: Any
+) -> COCOEvaluator:
+    """detectron2's ``COCOEvaluator(dataset_name, output_dir=output_dir, **kwargs)`` that also
+    works without detectron2's compiled ops and with malformed ground truth
+    (:class:`CheckedCOCOEvaluator`): ``use_fast_impl`` defaults to whether
+    ``detectron2._C`` has the C++ COCOeval (pycocotools' official COCOeval otherwise: same
+    metrics, slower). The tasks (bbox, segm, keypoints) follow the model's predictions."""
+    if "use_fast_impl" not in kwargs:
+        kwargs["use_fast_impl"] = has_compiled_coco_eval()
+        if not kwargs["use_fast_impl"]:
+            logger.info(
+                "detectron2._C has no C++ COCOeval (detectron2 without compiled ops): "
+                "evaluating %s with pycocotools' official COCOeval "
+                "(COCOEvaluator(use_fast_impl=False))", dataset_name,
+            )
+    return CheckedCOCOEvaluator(dataset_name, output_dir=output_dir, **kwargs)
+
+
 def build_coco_evaluator(
     cfg: CfgNode, dataset_name: str, output_folder: str | None = None
 ) -> COCOEvaluator:
-    """A :class:`CheckedCOCOEvaluator` for ``dataset_name``: boxes, plus masks when
-    ``MODEL.MASK_ON``.
+    """:func:`coco_evaluator` for ``dataset_name`` of a YACS job (boxes, plus masks when the
+    model predicts them).
 
     Raises:
         ValueError: the dataset is not in COCO format (its ``evaluator_type`` is not "coco").
@@ -74,14 +100,7 @@ def build_coco_evaluator(
             f"Dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; mabn_d2 evaluates "
             "COCO-format instance datasets only (register yours with DATASETS.REGISTER_COCO)"
         )
-    fast = has_compiled_coco_eval()
-    if not fast:
-        logger.info(
-            "detectron2._C has no C++ COCOeval (detectron2 without compiled ops): evaluating "
-            "%s with pycocotools' official COCOeval (COCOEvaluator(use_fast_impl=False))",
-            dataset_name,
-        )
-    return CheckedCOCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=fast)
+    return coco_evaluator(dataset_name, output_folder)
 
 
 def _finite_or_none(value: object) -> object:
@@ -115,3 +134,17 @@ def summary_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> s
     return tabulate(
         rows, headers=["dataset", "task", *_SUMMARY_METRICS], floatfmt=".2f", tablefmt="pipe"
     )
+
+
+def report_eval_results(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]], output_dir: str
+) -> str | None:
+    """In the main process: log ``{dataset: {task: {metric: value}}}`` as one summary table
+    and write it to ``output_dir/eval_results.json``; returns that path (None elsewhere, or
+    when there are no results)."""
+    if not comm.is_main_process() or not any(results.values()):
+        return None
+    path = os.path.join(output_dir, EVAL_RESULTS_FILE)
+    save_eval_results(results, path)
+    logger.info("COCO results (saved to %s):\n%s", path, summary_table(results))
+    return path

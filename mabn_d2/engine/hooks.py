@@ -1,6 +1,7 @@
 """detectron2 training hooks: MABN calibration before training, MABN PreciseBN after.
 
-:func:`build_mabn_hooks` gives both for a cfg. In a ``DefaultTrainer`` subclass, put them
+:func:`build_mabn_hooks` gives both for a YACS cfg, :func:`mabn_hooks` for explicit settings
+(the LazyConfig tool). In a ``DefaultTrainer`` subclass, put them
 before the checkpointer (so that what they change is saved)::
 
     def build_hooks(self):
@@ -29,9 +30,9 @@ from ..finetune.calibration import (
     precise_mabn_stats,
     read_batches,
 )
-from ..integration.config import calibration_from_cfg
+from ..integration.config import CalibrationSettings, calibration_from_cfg
 
-__all__ = ["MABNCalibrationHook", "MABNPreciseBN", "build_mabn_hooks"]
+__all__ = ["MABNCalibrationHook", "MABNPreciseBN", "mabn_hooks", "build_mabn_hooks"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,17 +124,42 @@ class MABNPreciseBN(HookBase):
             self._model, itertools.islice(self._data_iter, self._num_iter), self._num_iter)
 
 
+def mabn_hooks(
+    model: nn.Module,
+    build_loader: Callable[[], Iterable[Any]],
+    calibration: CalibrationSettings,
+    precise_bn_period: int | None = None,
+    precise_bn_num_iter: int = 200,
+) -> list[HookBase]:
+    """The hooks a trainer of an MABN model adds, whatever its config system: calibration
+    before training and, with ``precise_bn_period`` not None, MABN PreciseBN every
+    ``precise_bn_period`` iterations (0: after the last only) over ``precise_bn_num_iter``
+    batches. No hooks for a model without MABN layers.
+
+    Args:
+        model: the trained model.
+        build_loader: builds a training loader for these hooks (called when calibration runs,
+            and once now for PreciseBN), e.g. with 0 workers as detectron2's PreciseBN loader.
+        calibration: the validated calibration settings.
+    """
+    if not mabn_layers(model):
+        return []
+    hooks: list[HookBase] = [MABNCalibrationHook(
+        model, build_loader, calibration.num_batches, calibration.mode, calibration.backward)]
+    if precise_bn_period is not None:
+        hooks.append(MABNPreciseBN(precise_bn_period, model, build_loader(), precise_bn_num_iter))
+    return hooks
+
+
 def build_mabn_hooks(cfg: CfgNode, model: nn.Module,
                      build_train_loader: Callable[[CfgNode], Iterable[Any]]) -> list[HookBase]:
-    """The hooks a trainer of an MABN model adds: calibration (``MODEL.MABN.CALIBRATION``)
-    and, with ``TEST.PRECISE_BN.ENABLED``, MABN PreciseBN at ``TEST.EVAL_PERIOD``.
+    """:func:`mabn_hooks` of a YACS job: calibration (``MODEL.MABN.CALIBRATION``) and, with
+    ``TEST.PRECISE_BN.ENABLED``, MABN PreciseBN at ``TEST.EVAL_PERIOD``.
 
     ``cfg`` should have ``DATALOADER.NUM_WORKERS`` as wanted for these extra loaders
     (detectron2's ``build_hooks`` uses 0)."""
-    if not mabn_layers(model):
-        return []
-    hooks: list[HookBase] = [MABNCalibrationHook.from_config(cfg, model, build_train_loader)]
-    if cfg.TEST.PRECISE_BN.ENABLED:
-        hooks.append(MABNPreciseBN(cfg.TEST.EVAL_PERIOD, model, build_train_loader(cfg),
-                                   cfg.TEST.PRECISE_BN.NUM_ITER))
-    return hooks
+    precise = cfg.TEST.PRECISE_BN
+    return mabn_hooks(
+        model, lambda: build_train_loader(cfg), calibration_from_cfg(cfg),
+        cfg.TEST.EVAL_PERIOD if precise.ENABLED else None, precise.NUM_ITER,
+    )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch
 from detectron2.utils import comm
 from torch.utils.data import Sampler
 
-__all__ = ["ResumableSampler", "RNGStates"]
+__all__ = ["ResumableSampler", "RNGStates", "build_resumable_loader", "continue_data_stream"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,3 +84,39 @@ class RNGStates:
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_resumable_loader(
+    build_loader: Callable[..., Iterable[Any]], sampler: Sampler, **kwargs: Any
+) -> Iterable[Any]:
+    """``build_loader(sampler=ResumableSampler(sampler), **kwargs)`` (e.g. detectron2's
+    ``build_detection_train_loader``), the wrapper kept as ``loader.resumable_sampler`` for
+    :func:`continue_data_stream`."""
+    resumable = ResumableSampler(sampler)
+    loader = build_loader(sampler=resumable, **kwargs)
+    loader.resumable_sampler = resumable
+    return loader
+
+
+def continue_data_stream(loader: Iterable[Any], start_iter: int, images_per_batch: int) -> bool:
+    """Before training resumes at ``start_iter``: make ``loader`` (built by
+    :func:`build_resumable_loader`) skip the images the interrupted run used.
+
+    Args:
+        loader: the training loader, before its first batch is drawn.
+        start_iter: the first iteration of the resumed run (0: nothing to skip).
+        images_per_batch: images per iteration over all processes (``SOLVER.IMS_PER_BATCH``,
+            ``dataloader.train.total_batch_size``).
+
+    Returns:
+        whether the stream was moved (False for a fresh start or a loader without a
+        resumable sampler).
+    """
+    sampler = getattr(loader, "resumable_sampler", None)
+    if start_iter <= 0 or sampler is None:
+        return False
+    per_process = images_per_batch // comm.get_world_size()
+    sampler.start_at(start_iter * per_process)
+    logger.info("Resuming at iteration %d: the training data stream continues after the %d "
+                "images per process already used", start_iter, start_iter * per_process)
+    return True

@@ -20,7 +20,14 @@ from ..integration.conv import CentralizedConv2d
 from ..layer import MABN2d
 from .output_lock import hold_output_dir
 
-__all__ = ["get_mabn_cfg", "mabn_setup", "setup_from_args", "describe_mabn_model"]
+__all__ = [
+    "get_mabn_cfg",
+    "mabn_setup",
+    "setup_from_args",
+    "describe_mabn_model",
+    "check_device",
+    "check_mabn_registered",
+]
 
 logger = logging.getLogger(__name__)
 _NORM_KEYS = ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
@@ -48,14 +55,8 @@ def mabn_setup(cfg: CfgNode) -> None:
     """
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mabn_d2")
     settings = settings_from_cfg(cfg)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA device is available; add "
-            "'MODEL.DEVICE cpu' to the command line (or the config) to run on the CPU"
-        )
-    if not isinstance(get_norm("MABN", 1), MABN2d):
-        raise RuntimeError("detectron2's get_norm('MABN', C) does not build MABN2d: "
-                           "mabn_d2.register_mabn() has not run")
+    check_device(cfg.MODEL.DEVICE, "MODEL.DEVICE", "'MODEL.DEVICE cpu'")
+    check_mabn_registered()
     norms = ", ".join(f"{key}.NORM={cfg.MODEL[key].NORM or 'none'}" for key in _NORM_KEYS)
     logger.info(
         "mabn_d2 %s: norm 'MABN' registered in detectron2's get_norm (get_norm('MABN', C) -> "
@@ -65,6 +66,21 @@ def mabn_setup(cfg: CfgNode) -> None:
         logger.info("mabn_d2: MODEL.MABN settings of this job: %s", settings)
     for name in register_coco_from_cfg(cfg):
         logger.info("mabn_d2: registered COCO dataset %r from DATASETS.REGISTER_COCO", name)
+
+
+def check_device(device: str, key: str, fix: str) -> None:
+    """Fail clearly when ``device`` (the value of config key ``key``) is CUDA on a machine
+    without one; ``fix`` is the command-line override that selects the CPU."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"{key} is {device!r} but no CUDA device is available; add {fix} "
+                           "to the command line (or the config) to run on the CPU")
+
+
+def check_mabn_registered() -> None:
+    """Fail clearly when ``"MABN"`` is not a detectron2 norm (``register_mabn`` has not run)."""
+    if not isinstance(get_norm("MABN", 1), MABN2d):
+        raise RuntimeError("detectron2's get_norm('MABN', C) does not build MABN2d: "
+                           "mabn_d2.register_mabn() has not run")
 
 
 def setup_from_args(args: argparse.Namespace) -> CfgNode:

@@ -12,7 +12,6 @@ from detectron2.data import build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 from torch import nn
 
 from ..data import check_num_classes
@@ -20,17 +19,14 @@ from ..data.annotation_checks import instances_without_masks
 from ..data.user_coco import drop_invalid_annotations
 from ..integration.batch_stats import build_batch_stats_hook
 from .checkpoint_io import AtomicCheckpointer
-from .evaluation import build_coco_evaluator, save_eval_results, summary_table
+from .evaluation import EVAL_RESULTS_FILE, build_coco_evaluator, report_eval_results
 from .hooks import build_mabn_hooks
-from .resume import ResumableSampler, RNGStates
+from .resume import RNGStates, build_resumable_loader, continue_data_stream
 from .setup import describe_mabn_model
 
 __all__ = ["MABNTrainer", "EVAL_RESULTS_FILE"]
 
 logger = logging.getLogger(__name__)
-
-# Written to OUTPUT_DIR by every evaluation: {dataset: {"bbox"/"segm": {metric: value}}}.
-EVAL_RESULTS_FILE = "eval_results.json"
 
 
 def _insert_before(
@@ -99,9 +95,7 @@ class MABNTrainer(DefaultTrainer):
         if cfg.MODEL.MASK_ON:
             kwargs["dataset"] = _with_masks_checked(kwargs["dataset"],
                                                     drop_invalid_annotations(cfg))
-        sampler = ResumableSampler(kwargs["sampler"])
-        loader = build_detection_train_loader(**{**kwargs, "sampler": sampler})
-        loader.resumable_sampler = sampler
+        loader = build_resumable_loader(build_detection_train_loader, **kwargs)
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
         return loader
 
@@ -123,13 +117,9 @@ class MABNTrainer(DefaultTrainer):
 
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)
-        sampler = getattr(self._trainer.data_loader, "resumable_sampler", None)
-        if resume and self.start_iter > 0 and sampler is not None:
-            per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-            sampler.start_at(self.start_iter * per_process)
-            logger.info("Resuming at iteration %d: the training data stream continues after "
-                        "the %d images per process already used", self.start_iter,
-                        self.start_iter * per_process)
+        if resume:
+            continue_data_stream(self._trainer.data_loader, self.start_iter,
+                                 self.cfg.SOLVER.IMS_PER_BATCH)
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
@@ -155,10 +145,7 @@ class MABNTrainer(DefaultTrainer):
             per_dataset = {cfg.DATASETS.TEST[0]: results}
         else:
             per_dataset = dict(results)
-        if comm.is_main_process() and any(per_dataset.values()):
-            path = os.path.join(cfg.OUTPUT_DIR, EVAL_RESULTS_FILE)
-            save_eval_results(per_dataset, path)
-            logger.info("COCO results (saved to %s):\n%s", path, summary_table(per_dataset))
+        report_eval_results(per_dataset, cfg.OUTPUT_DIR)
         return results
 
     def build_mabn_hooks(self) -> list[hooks.HookBase]:

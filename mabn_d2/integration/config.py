@@ -7,7 +7,9 @@ of the built model) and ``CALIBRATION`` (fine-tuning from BN checkpoints).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 from detectron2.config import CfgNode as CN
 
@@ -21,6 +23,7 @@ __all__ = [
     "centralize_exclude_from_cfg",
     "CalibrationSettings",
     "calibration_from_cfg",
+    "calibration_from_mapping",
 ]
 
 _KEYS = {setting.name: setting.key for setting in SETTINGS}
@@ -38,6 +41,7 @@ class CalibrationSettings:
 
 
 _CALIBRATION_DEFAULTS = CalibrationSettings()
+_CALIBRATION_FIELDS = tuple(f.name for f in fields(CalibrationSettings))
 
 
 def add_mabn_config(cfg: CN) -> CN:
@@ -112,6 +116,31 @@ def centralize_exclude_from_cfg(cfg: CN) -> tuple[str, ...]:
     return tuple(value)
 
 
+def calibration_from_mapping(
+    values: Mapping[str, Any], key: Callable[[str], str]
+) -> CalibrationSettings:
+    """Validated :class:`CalibrationSettings` from ``{"mode", "num_batches", "backward"}``
+    (missing names take their default); errors name ``key(name)``.
+
+    Raises:
+        ValueError: naming the offending key.
+    """
+    unknown = set(values) - set(_CALIBRATION_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown MABN calibration settings {sorted(key(n) for n in unknown)}; "
+                         f"valid: {[key(n) for n in _CALIBRATION_FIELDS]}")
+    mode = values.get("mode", _CALIBRATION_DEFAULTS.mode)
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(f"{key('mode')} must be one of {CALIBRATION_MODES}, got {mode!r}")
+    num_batches = values.get("num_batches", _CALIBRATION_DEFAULTS.num_batches)
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"{key('num_batches')} must be an integer >= 1, got {num_batches!r}")
+    backward = values.get("backward", _CALIBRATION_DEFAULTS.backward)
+    if not isinstance(backward, bool):
+        raise ValueError(f"{key('backward')} must be True or False, got {backward!r}")
+    return CalibrationSettings(mode=mode, num_batches=num_batches, backward=backward)
+
+
 def calibration_from_cfg(cfg: CN) -> CalibrationSettings:
     """The validated ``MODEL.MABN.CALIBRATION`` settings (defaults where the node is absent).
 
@@ -119,16 +148,6 @@ def calibration_from_cfg(cfg: CN) -> CalibrationSettings:
         ValueError: naming the offending key.
     """
     node = cfg.MODEL.get("MABN", CN()).get("CALIBRATION", CN())
-    mode = node.get("MODE", _CALIBRATION_DEFAULTS.mode)
-    if mode not in CALIBRATION_MODES:
-        raise ValueError(f"MODEL.MABN.CALIBRATION.MODE must be one of {CALIBRATION_MODES}, "
-                         f"got {mode!r}")
-    num_batches = node.get("NUM_BATCHES", _CALIBRATION_DEFAULTS.num_batches)
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"MODEL.MABN.CALIBRATION.NUM_BATCHES must be an integer >= 1, got "
-                         f"{num_batches!r}")
-    backward = node.get("BACKWARD", _CALIBRATION_DEFAULTS.backward)
-    if not isinstance(backward, bool):
-        raise ValueError(f"MODEL.MABN.CALIBRATION.BACKWARD must be True or False, got "
-                         f"{backward!r}")
-    return CalibrationSettings(mode=mode, num_batches=num_batches, backward=backward)
+    values = {name: node[name.upper()] for name in _CALIBRATION_FIELDS if name.upper() in node}
+    return calibration_from_mapping(
+        values, key=lambda name: f"MODEL.MABN.CALIBRATION.{name.upper()}")
