@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -40,6 +39,7 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 
 import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
+from mabn_d2.engine.checkpoint_io import AtomicCheckpointer
 from mabn_d2.engine.launch import launch  # detectron2's launch; gloo processes without CUDA
 from mabn_d2.engine.lazy import (
     build_lazy_model,
@@ -67,7 +67,7 @@ def do_train(args: argparse.Namespace, cfg) -> None:
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
     # The trainer's state holds the optimizer's (and AMP's grad scaler's); the random
     # generators are saved with it so that --resume continues exactly.
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     checkpointer.add_checkpointable("rng_states", RNGStates())
     trainer.register_hooks(
         [
@@ -106,7 +106,7 @@ def main(args: argparse.Namespace):
 
     if args.eval_only:
         model = d2_defaults.create_ddp_model(build_lazy_model(cfg))
-        checkpointer = DetectionCheckpointer(model, save_dir=cfg.train.output_dir)
+        checkpointer = AtomicCheckpointer(model, save_dir=cfg.train.output_dir)
         if not cfg.train.init_checkpoint and not (args.resume and checkpointer.has_checkpoint()):
             raise SystemExit(
                 "--eval-only needs weights: train.init_checkpoint=path/to/model.pth, or --resume "

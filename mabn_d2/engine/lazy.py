@@ -51,6 +51,7 @@ from ..integration.lazy import calibration_from_lazy, target_of, validate_lazy_c
 from ..integration.norm import name_mabn_layers
 from .evaluation import coco_evaluator, report_eval_results
 from .hooks import mabn_hooks
+from .output_lock import hold_output_dir
 from .resume import build_resumable_loader
 from .setup import check_device, check_mabn_registered, describe_mabn_model
 
@@ -103,10 +104,13 @@ def lazy_setup(cfg: DictConfig, args: argparse.Namespace) -> None:
 
     Raises:
         ValueError: a bad MABN, calibration or PreciseBN value, naming its full key.
+        OutputDirBusyError: another live run writes into ``train.output_dir``.
         RuntimeError: ``train.device`` is CUDA on a machine without one.
     """
     nodes = validate_lazy_config(cfg)
     precise_bn_from_lazy(cfg)
+    if comm.is_main_process() and cfg.train.output_dir:
+        hold_output_dir(cfg.train.output_dir)  # before anything is written into it
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="mabn_d2")
     check_device(cfg.train.device, "train.device", "'train.device=cpu'")
