@@ -127,6 +127,24 @@ def test_without_output_it_prints_the_same_detections_and_fused_agrees(tiny_weig
         assert s1 == pytest.approx(s2, abs=1e-3) and b1 == pytest.approx(b2, abs=0.1)
 
 
+def test_a_lazyconfig_predicts_what_the_yaml_config_does(tiny_weights, capsys):
+    """The LazyConfig twin of the tiny config (same model; 10 detections per image, not 20)
+    with the YAML-trained weights: the same best detections."""
+    image = str(val_images()[1])
+    assert predict.main(["--config-file", str(TINY), "--input", image,
+                         "--confidence-threshold", "0",
+                         "--opts", "MODEL.WEIGHTS", str(tiny_weights)]) == 0
+    yaml = parse_printed(capsys.readouterr().out)[image]
+    lazy_cfg = CONFIGS / "lazy" / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.py"
+    assert predict.main(["--config-file", str(lazy_cfg), "--input", image,
+                         "--confidence-threshold", "0",
+                         "--opts", f"train.init_checkpoint={tiny_weights}"]) == 0
+    lazy = parse_printed(capsys.readouterr().out)[image]
+    assert len(lazy) == 10 and len(yaml) == 20
+    for (l1, s1, b1), (l2, s2, b2) in zip(lazy, yaml[:10]):
+        assert l1 == l2 and s1 == pytest.approx(s2, abs=1e-4) and b1 == pytest.approx(b2, abs=1e-2)
+
+
 def test_dataset_mode_draws_ground_truth_beside_predictions(tiny_weights, tmp_path):
     out = tmp_path / "gt"
     assert predict.main(["--config-file", str(TINY), "--dataset", "coco_2017_val",

@@ -7,6 +7,11 @@ detectron2's ``demo/demo.py`` conventions, for every config this project ships::
     python tools/predict.py --config-file configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml \\
         --input photos/*.jpg --output predictions/ --opts MODEL.WEIGHTS output/demo/model_final.pth
 
+    # a LazyConfig: overrides as key=value
+    python tools/predict.py --config-file configs/lazy/demo/mask_rcnn_R_18_FPN_demo_mabn.py \
+        --input photos/*.jpg --output predictions/ \
+        --opts train.init_checkpoint=output/lazy_demo/model_final.pth
+
     # no --output: print the detections (no window is opened)
     python tools/predict.py --config-file CFG --input a.png b.png --confidence-threshold 0.3 \\
         --opts MODEL.WEIGHTS model_final.pth
@@ -16,7 +21,8 @@ detectron2's ``demo/demo.py`` conventions, for every config this project ships::
         --output predictions/ --opts MODEL.WEIGHTS model_final.pth
 
 ``--fuse`` folds the eval-mode MABN layers into their convs first (:func:`mabn_d2.fuse_mabn`,
-the deployed form). The device is the config's ``MODEL.DEVICE`` (``--opts MODEL.DEVICE cuda``).
+the deployed form). The device is the config's ``MODEL.DEVICE`` (``--opts MODEL.DEVICE cuda``;
+in a LazyConfig ``train.device=cuda``). Images are resized as the config's test data are.
 A missing or unreadable image, and weights that do not fit the config's model, stop the run
 with a message naming them.
 """
@@ -35,8 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
@@ -46,6 +53,8 @@ from fvcore.common.checkpoint import _IncompatibleKeys
 
 import mabn_d2
 from mabn_d2.engine import get_mabn_cfg, mabn_setup
+from mabn_d2.engine.lazy import build_lazy_model
+from mabn_d2.integration.lazy import validate_lazy_config
 
 logger = logging.getLogger("mabn_d2.predict")
 
@@ -71,14 +80,18 @@ class _StrictCheckpointer(DetectionCheckpointer):
                 f"\n  {shown}{more}\nUse the config the weights were trained with.")
 
 
+def _check_weights(weights: str, key: str, example: str) -> None:
+    if not weights:
+        raise SystemExit(f"predict: no weights: add --opts {example}")
+    if "://" not in weights and not os.path.isfile(weights):
+        raise SystemExit(f"predict: {key} {weights!r} is not a file")
+
+
 def build_predictor(cfg: CfgNode, fuse: bool = False) -> DefaultPredictor:
     """detectron2's ``DefaultPredictor`` for ``cfg``, its weights loaded strictly (see
     :class:`_StrictCheckpointer`), MABN folded into the convs if ``fuse``."""
     weights = cfg.MODEL.WEIGHTS
-    if not weights:
-        raise SystemExit("predict: no weights: add --opts MODEL.WEIGHTS path/to/model_final.pth")
-    if "://" not in weights and not os.path.isfile(weights):
-        raise SystemExit(f"predict: MODEL.WEIGHTS {weights!r} is not a file")
+    _check_weights(weights, "MODEL.WEIGHTS", "MODEL.WEIGHTS path/to/model_final.pth")
     empty = cfg.clone()
     empty.defrost()
     empty.MODEL.WEIGHTS = ""  # the predictor starts from scratch; the strict load follows
@@ -87,6 +100,33 @@ def build_predictor(cfg: CfgNode, fuse: bool = False) -> DefaultPredictor:
     if fuse:
         mabn_d2.fuse_mabn(predictor.model, inplace=True)
     return predictor
+
+
+class LazyPredictor:
+    """``DefaultPredictor`` for a LazyConfig: ``cfg.model`` with the weights of
+    ``train.init_checkpoint`` (loaded strictly), images resized by the test mapper's
+    augmentations, in ``model.input_format``; ``predictor(bgr_image) -> {"instances": ...}``."""
+
+    def __init__(self, cfg, fuse: bool = False) -> None:
+        weights = cfg.train.init_checkpoint
+        _check_weights(weights, "train.init_checkpoint",
+                       "train.init_checkpoint=path/to/model_final.pth")
+        self.model = build_lazy_model(cfg).eval()
+        _StrictCheckpointer(self.model).load(weights)
+        if fuse:
+            mabn_d2.fuse_mabn(self.model, inplace=True)
+        self.augmentations = T.AugmentationList(
+            instantiate(cfg.dataloader.test.mapper.augmentations))
+        self.input_format = cfg.model.get("input_format", "BGR")
+
+    def __call__(self, image_bgr: np.ndarray) -> dict:
+        image = image_bgr[:, :, ::-1] if self.input_format == "RGB" else image_bgr
+        height, width = image.shape[:2]
+        resized = T.AugInput(image)
+        self.augmentations(resized)
+        tensor = torch.as_tensor(resized.image.astype("float32").transpose(2, 0, 1))
+        with torch.no_grad():
+            return self.model([{"image": tensor, "height": height, "width": width}])[0]
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
@@ -169,34 +209,42 @@ def dataset_records(name: str, num_images: int) -> list[dict]:
     return DatasetCatalog.get(name)[:num_images]
 
 
-def setup(args: argparse.Namespace) -> CfgNode:
+def _names(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def load_predictor(args: argparse.Namespace):
+    """``(predictor, dataset names of the config: test first)`` for a YAML or LazyConfig
+    (``.py``) ``--config-file`` with ``--opts`` applied."""
+    setup_logger(name="mabn_d2")
+    if args.config_file.endswith(".py"):
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        validate_lazy_config(cfg)
+        names = [*_names(cfg.dataloader.test.dataset.get("names")),
+                 *_names(cfg.dataloader.train.dataset.get("names"))]
+        return LazyPredictor(cfg, fuse=args.fuse), names
     cfg = get_mabn_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    setup_logger(name="mabn_d2")
     mabn_setup(cfg)
-    return cfg
-
-
-def metadata_of(cfg: CfgNode, dataset: str | None):
-    names = [dataset] if dataset else list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
-    return MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unused")
+    names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+    return build_predictor(cfg, fuse=args.fuse), names
 
 
 def run(args: argparse.Namespace) -> dict[str, list[Detection]]:
     """Predict every input; returns ``{image path: detections}`` (what it prints)."""
-    cfg = setup(args)
     if bool(args.input) == bool(args.dataset):
         raise SystemExit("predict: give either --input images or --dataset NAME")
+    predictor, names = load_predictor(args)  # registers the config's own datasets too
     if args.dataset:
         records = dataset_records(args.dataset, args.num_images)
         items = [(Path(r["file_name"]), r) for r in records]
     else:
         items = [(path, None) for path in expand_inputs(args.input)]
-    images = [(path, load_image(path), record) for path, record in items]  # all readable?
-    predictor = build_predictor(cfg, fuse=args.fuse)
-    metadata = metadata_of(cfg, args.dataset)
+    images = [(path, load_image(path), record) for path, record in items]
+    names = [args.dataset] if args.dataset else names
+    metadata = MetadataCatalog.get(names[0] if names else "__unused")
     class_names = metadata.get("thing_classes", [])
     output = Path(args.output) if args.output else None
     results: dict[str, list[Detection]] = {}
@@ -238,7 +286,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fuse", action="store_true",
                         help="fold MABN into the convs first (the deployed model)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS m.pth")
+                        help="config overrides: KEY VALUE pairs for YAML (MODEL.WEIGHTS m.pth), "
+                        "key=value for a LazyConfig (train.init_checkpoint=m.pth)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.confidence_threshold <= 1.0:
         parser.error(f"--confidence-threshold must be in [0, 1], got "
