@@ -33,13 +33,20 @@ test: venv
 	$(PY) -m ruff check mabn_d2 tools tests
 	$(PY) -m pytest -q -ra --durations=15 tests
 
-# CPU threads of the demo. On a busy 2-core machine two OpenMP threads stall each other
-# (measured side by side under a load of ~7: 18 s/iteration with 2 threads, 3 s with 1);
-# on an idle machine DEMO_THREADS=2 may be faster.
+# CPU threads of the demo; its expected range (configs/demo/expected_results.json, README) was
+# measured with 1. On a busy 2-core machine two OpenMP threads stall each other (measured side
+# by side under a load of ~7: 18 s/iteration with 2 threads, 3 s with 1); on an idle machine
+# DEMO_THREADS=2 may be faster.
 DEMO_THREADS ?= 1
+# e.g. make demo SEED=1 (default: the config's SEED 42); DEMO_OPTS: more cfg overrides.
+SEED ?=
+DEMO_OPTS ?=
 demo: venv
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) tools/train_net.py \
-		--config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUT)
+	@start=$$(date +%s); \
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) tools/train_net.py --config-file $(DEMO_CONFIG) \
+		OUTPUT_DIR $(DEMO_OUT) $(if $(SEED),SEED $(SEED)) $(DEMO_OPTS) && \
+	$(PY) tools/demo_report.py --output-dir $(DEMO_OUT) --threads $(DEMO_THREADS) \
+		--seconds $$(( $$(date +%s) - start ))
 
 # Speed/memory of MABN vs BN/GN (docs/speed.md); e.g. make benchmark BENCH_ARGS=--quick
 BENCH_ARGS ?=
