@@ -1,19 +1,28 @@
-# Set-up, main job and tests on a fresh machine. Everything goes into ./.venv.
+# Set-up, main job and tests on a fresh machine. Everything goes into $(VENV) (./.venv).
+# PYTHON: the interpreter the venv is made from, a name on PATH or a path, e.g.
+#   make test PYTHON=python3.13
+#   make test PYTHON=$$(pyenv root)/versions/3.13.0/bin/python3.13 VENV=.venv313
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# The venv is rebuilt from scratch when PYTHON is another version than the one it was made with.
+PYTHON_VERSION := $(shell $(PYTHON) -c 'import platform; print(platform.python_version())' 2>/dev/null)
+STAMP := $(VENV)/.installed-python$(PYTHON_VERSION)
 # The main job's output (checkpoints, metrics.json, TensorBoard events, COCO results).
 DEMO_OUT ?= output/demo
+DEMO_CONFIG := configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml
 
 .PHONY: venv test demo lint clean benchmark
 
-venv: $(VENV)/.installed
+venv: $(STAMP)
 
-$(VENV)/.installed: setup.py requirements.txt tools/install_detectron2.py tools/detectron2_pure/_C.py
-	$(PYTHON) -m venv $(VENV)
-	# pip 26 refuses to download the pb1-detectron2 sdist (its "all" extra has a URL dependency).
-	$(PY) -m pip install "pip>=23,<26"
+$(STAMP): setup.py requirements.txt tools/install_detectron2.py tools/detectron2_pure/_C.py
+	@test -n "$(PYTHON_VERSION)" || { echo "PYTHON=$(PYTHON) is not a Python interpreter" >&2; exit 1; }
+	$(PYTHON) -m venv --clear $(VENV)
+	# pip 26 refuses the pb1-detectron2 sdist ("Distributions from PyPI cannot declare direct
+	# URL dependencies": its "all" extra), which the detectron2 fallback downloads.
+	$(PY) -m pip install --upgrade "pip>=23,<26"
 	$(PY) -m pip install -c requirements.txt $(TORCH_PINS)
 	$(PY) -m pip install -r requirements.txt
 	$(PY) tools/install_detectron2.py
@@ -22,22 +31,29 @@ $(VENV)/.installed: setup.py requirements.txt tools/install_detectron2.py tools/
 
 test: venv
 	$(PY) -m ruff check mabn_d2 tools tests
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
-# CPU threads of the demo. On a busy 2-core machine two OpenMP threads stall each other
-# (measured side by side under a load of ~7: 18 s/iteration with 2 threads, 3 s with 1);
-# on an idle machine DEMO_THREADS=2 may be faster.
+# CPU threads of the demo; its expected range (configs/demo/expected_results.json, README) was
+# measured with 1. On a busy 2-core machine two OpenMP threads stall each other (measured side
+# by side under a load of ~7: 18 s/iteration with 2 threads, 3 s with 1); on an idle machine
+# DEMO_THREADS=2 may be faster.
 DEMO_THREADS ?= 1
-DEMO_CONFIG := configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml
+# e.g. make demo SEED=1 (default: the config's SEED 42); DEMO_OPTS: more cfg overrides.
+SEED ?=
+DEMO_OPTS ?=
 demo: venv
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) tools/train_net.py \
-		--config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUT)
+	@start=$$(date +%s); \
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) tools/train_net.py --config-file $(DEMO_CONFIG) \
+		OUTPUT_DIR $(DEMO_OUT) $(if $(SEED),SEED $(SEED)) $(DEMO_OPTS) && \
+	echo $$(( $$(date +%s) - start )) > $(DEMO_OUT)/train_and_evaluate_seconds.txt
 	# Pictures: 8 held-out images, ground truth (left) beside the predictions (right).
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) tools/predict.py --config-file $(DEMO_CONFIG) \
 		--dataset mabn_demo_shapes_val --num-images 8 --output $(DEMO_OUT)/predictions \
 		--opts MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth > $(DEMO_OUT)/predictions.txt
 	@echo "prediction pictures: $(DEMO_OUT)/predictions/ (detections: $(DEMO_OUT)/predictions.txt)"
 	$(PY) tools/plot_training_curves.py $(DEMO_OUT)/metrics.json
+	@$(PY) tools/demo_report.py --output-dir $(DEMO_OUT) --threads $(DEMO_THREADS) \
+		--seconds $$(cat $(DEMO_OUT)/train_and_evaluate_seconds.txt)
 
 # Speed/memory of MABN vs BN/GN (docs/speed.md); e.g. make benchmark BENCH_ARGS=--quick
 BENCH_ARGS ?=

@@ -9,12 +9,17 @@ its end. Subprocesses started by the tests inherit both.
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import COCO_MINI, require_coco_mini
 
@@ -30,3 +35,36 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture
 def coco_mini() -> Path:
     return require_coco_mini()
+
+
+# Functions the whole process shares. A test replaces code under test through that code's
+# own seams (an argument, its module's own attribute), never one of these: a replaced
+# subprocess.run also served matplotlib's font-cache build, which broke a cold-cache run.
+_PROCESS_WIDE = {
+    f"{module.__name__}.{name}": (module, name)
+    for module, names in (
+        (subprocess, ("run", "Popen", "call", "check_call", "check_output")),
+        (os, ("system", "cpu_count", "getcwd", "chdir")),
+        (time, ("time", "perf_counter", "monotonic", "sleep", "process_time")),
+        (sys, ("exit",)),
+        (builtins, ("open", "print")),
+        (shutil, ("which", "rmtree")),
+        (torch, ("set_num_threads", "get_num_threads")),
+    )
+    for name in names
+}
+_ORIGINALS = {key: getattr(module, name) for key, (module, name) in _PROCESS_WIDE.items()}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Fail a test that replaced a process-wide function (even one monkeypatch would undo)."""
+    result = yield
+    replaced = [key for key, (module, name) in _PROCESS_WIDE.items()
+                if getattr(module, name) is not _ORIGINALS[key]]
+    if replaced:
+        raise AssertionError(
+            f"{item.nodeid} replaced process-wide function(s) {', '.join(replaced)}: inject a "
+            "stand-in into the code under test instead"
+        )
+    return result

@@ -59,9 +59,8 @@ def test_parallel_runs_skip_finished_ones_and_write_table_json_png(tmp_path, mon
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(driver.subprocess, "run", fake_run)
     rows = driver.main(["--norms", "GN", "MABN", "--schedules", "1", "--seeds", "2",
-                        "--jobs", "2", "--out", str(tmp_path)])
+                        "--jobs", "2", "--out", str(tmp_path)], run=fake_run)
     assert sorted(trained) == ["GN", "MABN", "MABN"]  # GN seed 0 was not trained again
     by_setting = {r["setting"]: r for r in rows}
     assert by_setting["GN"]["box_AP_values"] == [50.0, 41.0]
@@ -70,17 +69,16 @@ def test_parallel_runs_skip_finished_ones_and_write_table_json_png(tmp_path, mon
     assert len(summary["runs"]) == 4 and (tmp_path / "detection_comparison.png").stat().st_size
 
 
-def test_a_failed_run_is_an_error_naming_its_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(driver.subprocess, "run",
-                        lambda cmd, **kwargs: subprocess.CompletedProcess(cmd, 3))
+def test_a_failed_run_is_an_error_naming_its_log(tmp_path):
     with pytest.raises(RuntimeError, match=r"GN, x1, seed 0 failed \(exit 3\).*train_net.log"):
         driver.main(["--norms", "GN", "--schedules", "1", "--seeds", "1",
-                     "--out", str(tmp_path)])
+                     "--out", str(tmp_path)],
+                    run=lambda cmd, **kwargs: subprocess.CompletedProcess(cmd, 3))
 
 
-def test_no_train_summarizes_finished_runs_only(tmp_path, monkeypatch):
+def test_no_train_summarizes_finished_runs_only(tmp_path):
     _write_ap(driver.run_dir(tmp_path, "BN", 2, 1), 30.0, 25.0)
-    monkeypatch.setattr(driver.subprocess, "run", lambda *a, **k: pytest.fail("trained"))
-    rows = driver.main(["--no-train", "--out", str(tmp_path)])
+    rows = driver.main(["--no-train", "--out", str(tmp_path)],
+                       run=lambda *a, **k: pytest.fail("trained"))
     assert [(r["setting"], r["schedule"], r["seeds"]) for r in rows] == [("BN", 2, 1)]
     assert "| BN | 800 | 30.0 ± 0.0 | 25.0 ± 0.0 | 1 |" in driver.format_table(rows, 400)

@@ -22,7 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -137,7 +137,13 @@ def plot(rows: Sequence[dict], max_iter: int, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
+def main(argv: Sequence[str] | None = None, *,
+         run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> list[dict]:
+    """Train what is missing, summarize, write the JSON and the figure; the rows.
+
+    ``run`` starts each training process (``subprocess.run``'s signature and result), so a
+    caller can inject its own runner without touching the process-wide ``subprocess``.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--norms", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--schedules", nargs="+", type=int, default=[1, 2],
@@ -172,8 +178,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             print(f"training {setting}, x{schedule}, seed {seed} -> {out_dir}", flush=True)
             cmd = train_command(args.config_file, setting, schedule, seed, out_dir, base)
             with open(out_dir / "train_net.log", "w") as log:
-                done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                      env=env)
+                done = run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
             if done.returncode != 0:
                 raise RuntimeError(f"{setting}, x{schedule}, seed {seed} failed (exit "
                                    f"{done.returncode}); see {out_dir / 'train_net.log'}")

@@ -8,6 +8,10 @@
    ``detectron2/layers/csrc``, so the compiled extension cannot be built: a stand-in
    ``detectron2/_C.py`` is added that raises a clear error for every compiled op
    (deformable conv, rotated boxes, the C++ COCO evaluator); Mask R-CNN never needs them.
+   v0.6 predates numpy 2, Pillow 10 and setuptools without ``pkg_resources``: the sources are
+   edited before they are installed, each edit anchored to the exact v0.6 text (a missing
+   anchor stops the install) and mirroring the change detectron2 itself made later
+   (``SOURCE_EDITS``). The model zoo's configs are installed with the package.
 
 Run it with the environment's interpreter, e.g. ``.venv/bin/python tools/install_detectron2.py``.
 torch must be installed first.
@@ -16,23 +20,33 @@ torch must be installed first.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 OFFICIAL_GIT = "https://github.com/facebookresearch/detectron2.git"
 SDIST = "pb1-detectron2==0.6"
+# sha256 of pb1-detectron2-0.6.tar.gz on PyPI: the edits below are anchored to exactly these
+# sources (official v0.6, tag d1e04565d3bec8719335b88be9e9b961bf3ec464, byte for byte).
+SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 HERE = Path(__file__).resolve().parent
 C_STANDIN = HERE / "detectron2_pure" / "_C.py"
+UPSTREAM = "https://github.com/facebookresearch/detectron2"
 
-# detectron2 v0.6's own install_requires, with the pins its sources need on a current stack.
+# detectron2 v0.6's own install_requires that its Python sources use (not black, future,
+# pydot: formatting and caffe2 only), plus setuptools to build them without isolation. No
+# upper pins: the sources are made to work on numpy 2, Pillow >= 10 and a setuptools without
+# pkg_resources by SOURCE_EDITS.
 V06_REQUIREMENTS = [
-    "numpy<1.24",
-    "Pillow<10",
-    "setuptools<81",
+    "setuptools",
+    "numpy",
+    "Pillow>=7.1",
     "matplotlib",
     "pycocotools>=2.0.2",
     "termcolor>=1.1",
@@ -47,21 +61,233 @@ V06_REQUIREMENTS = [
     "hydra-core>=1.1",
 ]
 
-PURE_SETUP_PY = '''\
+
+@dataclass(frozen=True)
+class SourceEdit:
+    """One compatibility edit of the v0.6 sources: ``old`` (exact v0.6 text, found exactly
+    ``count`` times in ``path``) becomes ``new``, as detectron2 itself changed it later."""
+
+    path: str
+    old: str
+    new: str
+    upstream: str
+    count: int = 1
+
+
+_NP_BOOL = f"{UPSTREAM}/commit/857d5de2 (PR #4713, np.bool -> bool: numpy 1.24 removed np.bool)"
+_NP_INT = f"{UPSTREAM}/commit/027099d3 (np.int -> int)"
+_NP_FLOAT = f"{UPSTREAM}/commit/54dd614e (np.float -> float)"
+_NP_STR = f"{UPSTREAM}/commit/654570a2 (np.str -> str)"
+_LR_SCHEDULER = f"{UPSTREAM}/commit/21080971 (PR #4709, use torch.optim.lr_scheduler.LRScheduler)"
+
+# The edits, applied in this order to the extracted sdist (fallback path only). Each one
+# mirrors a later upstream change; README.md ("detectron2 v0.6 on today's stack") lists them.
+SOURCE_EDITS: tuple[SourceEdit, ...] = (
+    # numpy >= 1.24 removed the aliases np.bool, np.int, np.float, np.str.
+    SourceEdit("detectron2/structures/masks.py",
+               "        return np.zeros((height, width)).astype(np.bool)\n",
+               "        return np.zeros((height, width)).astype(bool)\n", _NP_BOOL),
+    SourceEdit("detectron2/structures/masks.py",
+               "    return mask_util.decode(rle).astype(np.bool)\n",
+               "    return mask_util.decode(rle).astype(bool)\n", _NP_BOOL),
+    SourceEdit("detectron2/structures/masks.py",
+               "        return torch.from_numpy(np.asarray(keep, dtype=np.bool))\n",
+               "        return torch.from_numpy(np.asarray(keep, dtype=bool))\n", _NP_BOOL),
+    SourceEdit("detectron2/utils/visualizer.py",
+               "        return (self._seg != empty_ids[0]).numpy().astype(np.bool)\n",
+               "        return (self._seg != empty_ids[0]).numpy().astype(bool)\n", _NP_BOOL),
+    SourceEdit("detectron2/utils/visualizer.py",
+               "            yield (self._seg == sid).numpy().astype(np.bool), sinfo\n",
+               "            yield (self._seg == sid).numpy().astype(bool), sinfo\n", _NP_BOOL),
+    SourceEdit("detectron2/utils/visualizer.py",
+               "            mask = (self._seg == sid).numpy().astype(np.bool)\n",
+               "            mask = (self._seg == sid).numpy().astype(bool)\n", _NP_BOOL),
+    SourceEdit("detectron2/utils/video_visualizer.py",
+               "        is_crowd = np.zeros((len(instances),), dtype=np.bool)\n",
+               "        is_crowd = np.zeros((len(instances),), dtype=bool)\n", _NP_BOOL),
+    SourceEdit("detectron2/evaluation/pascal_voc_evaluation.py",
+               '        difficult = np.array([x["difficult"] for x in R]).astype(np.bool)\n'
+               "        # difficult = np.array([False for x in R]).astype(np.bool)  # treat all "
+               '"difficult" as GT\n',
+               '        difficult = np.array([x["difficult"] for x in R]).astype(bool)\n'
+               "        # difficult = np.array([False for x in R]).astype(bool)  # treat all "
+               '"difficult" as GT\n',
+               _NP_BOOL),
+    SourceEdit("detectron2/data/build.py",
+               "    histogram = np.zeros((num_classes,), dtype=np.int)\n",
+               "    histogram = np.zeros((num_classes,), dtype=int)\n", _NP_INT),
+    SourceEdit("detectron2/data/build.py",
+               '            [x["category_id"] for x in annos if not x.get("iscrowd", 0)], '
+               "dtype=np.int\n",
+               '            [x["category_id"] for x in annos if not x.get("iscrowd", 0)], '
+               "dtype=int\n", _NP_INT),
+    SourceEdit("detectron2/evaluation/sem_seg_evaluation.py",
+               "            pred = np.array(output, dtype=np.int)\n",
+               "            pred = np.array(output, dtype=int)\n", _NP_INT),
+    SourceEdit("detectron2/evaluation/sem_seg_evaluation.py",
+               "                gt = np.array(Image.open(f), dtype=np.int)\n",
+               "                gt = np.array(Image.open(f), dtype=int)\n", _NP_INT),
+    SourceEdit("detectron2/evaluation/sem_seg_evaluation.py",
+               "        acc = np.full(self._num_classes, np.nan, dtype=np.float)\n"
+               "        iou = np.full(self._num_classes, np.nan, dtype=np.float)\n"
+               "        tp = self._conf_matrix.diagonal()[:-1].astype(np.float)\n"
+               "        pos_gt = np.sum(self._conf_matrix[:-1, :-1], axis=0).astype(np.float)\n",
+               "        acc = np.full(self._num_classes, np.nan, dtype=float)\n"
+               "        iou = np.full(self._num_classes, np.nan, dtype=float)\n"
+               "        tp = self._conf_matrix.diagonal()[:-1].astype(float)\n"
+               "        pos_gt = np.sum(self._conf_matrix[:-1, :-1], axis=0).astype(float)\n",
+               _NP_FLOAT),
+    SourceEdit("detectron2/evaluation/sem_seg_evaluation.py",
+               "        pos_pred = np.sum(self._conf_matrix[:-1, :-1], axis=1).astype(np.float)\n",
+               "        pos_pred = np.sum(self._conf_matrix[:-1, :-1], axis=1).astype(float)\n",
+               _NP_FLOAT),
+    SourceEdit("detectron2/data/datasets/pascal_voc.py",
+               "        fileids = np.loadtxt(f, dtype=np.str)\n",
+               "        fileids = np.loadtxt(f, dtype=str)\n", _NP_STR),
+    # numpy 2: np.array(..., copy=False) raises where a copy is needed.
+    SourceEdit("detectron2/layers/mask_ops.py",
+               "    mask = np.array(mask, copy=False)\n",
+               "    mask = np.asarray(mask)\n",
+               f"{UPSTREAM}/commit/70f45430 (PR #5312, numpy 2.0 copy=False)"),
+    # Pillow 10 removed Image.LINEAR (an alias of BILINEAR).
+    SourceEdit("detectron2/data/transforms/transform.py",
+               "    def __init__(self, src_rect, output_size, interp=Image.LINEAR, fill=0):\n",
+               "    def __init__(self, src_rect, output_size, interp=Image.BILINEAR, fill=0):\n",
+               f"{UPSTREAM}/commit/ff53992b (fix PIL.LINEAR warning)"),
+    # setuptools >= 81 has no pkg_resources. Upstream has not changed this yet (issue #5494
+    # open); the edit is the one of PR #5510: the configs are files next to model_zoo.py.
+    SourceEdit("detectron2/model_zoo/model_zoo.py",
+               "import pkg_resources\n", "",
+               f"{UPSTREAM}/issues/5494, as proposed in PR #5510 (not merged upstream)"),
+    SourceEdit("detectron2/model_zoo/model_zoo.py",
+               "    cfg_file = pkg_resources.resource_filename(\n"
+               '        "detectron2.model_zoo", os.path.join("configs", config_path)\n'
+               "    )\n",
+               '    cfg_file = os.path.join(os.path.dirname(__file__), "configs", config_path)\n',
+               f"{UPSTREAM}/issues/5494, as proposed in PR #5510 (not merged upstream)"),
+    # Python 3.11: random.sample no longer takes a set. MapDataset's retry after a failed
+    # map_func (e.g. an image a mapper drops) raised TypeError.
+    SourceEdit("detectron2/data/common.py",
+               "            cur_idx = self._rng.sample(self._fallback_candidates, k=1)[0]\n",
+               "            cur_idx = self._rng.sample(list(self._fallback_candidates), k=1)[0]\n",
+               f"{UPSTREAM}/commit/400a49c1 (random sample from set)"),
+    # PyTorch >= 2.0: schedulers derive from LRScheduler, not _LRScheduler, so the hook
+    # neither saved nor restored torch's own schedulers (StepLR, ...) in checkpoints.
+    SourceEdit("detectron2/solver/lr_scheduler.py",
+               "\nlogger = logging.getLogger(__name__)\n",
+               "\ntry:\n"
+               "    from torch.optim.lr_scheduler import LRScheduler\n"
+               "except ImportError:\n"
+               "    from torch.optim.lr_scheduler import _LRScheduler as LRScheduler\n"
+               "\nlogger = logging.getLogger(__name__)\n", _LR_SCHEDULER),
+    SourceEdit("detectron2/solver/lr_scheduler.py",
+               "(torch.optim.lr_scheduler._LRScheduler):\n", "(LRScheduler):\n", _LR_SCHEDULER,
+               count=3),
+    SourceEdit("detectron2/solver/__init__.py",
+               "from .lr_scheduler import WarmupCosineLR, WarmupMultiStepLR, LRMultiplier, "
+               "WarmupParamScheduler\n",
+               "from .lr_scheduler import (\n"
+               "    LRMultiplier,\n"
+               "    LRScheduler,\n"
+               "    WarmupCosineLR,\n"
+               "    WarmupMultiStepLR,\n"
+               "    WarmupParamScheduler,\n"
+               ")\n", _LR_SCHEDULER),
+    SourceEdit("detectron2/engine/hooks.py",
+               "from detectron2.solver import LRMultiplier\n",
+               "from detectron2.solver import LRMultiplier\n"
+               "from detectron2.solver import LRScheduler as _LRScheduler\n", _LR_SCHEDULER),
+    SourceEdit("detectron2/engine/hooks.py",
+               "        if isinstance(self.scheduler, torch.optim.lr_scheduler._LRScheduler):\n",
+               "        if isinstance(self.scheduler, _LRScheduler):\n", _LR_SCHEDULER, count=2),
+    # PyTorch >= 1.13's nn.GroupNorm rejects channels not divisible by its 32 groups, which
+    # RetinaNetHead's probe get_norm(norm, 1) hits for norm="GN" (LazyConfig FCOS, RetinaNet).
+    SourceEdit("detectron2/modeling/meta_arch/retinanet.py",
+               "            norm_name = str(type(get_norm(norm, 1)))\n",
+               "            norm_name = str(type(get_norm(norm, 32)))\n",
+               f"{UPSTREAM}/commit/330dd329 (PR #4470, get GN type in retinanet)"),
+    # PyTorch no longer ships caffe2: its import made detectron2.export unimportable.
+    SourceEdit("detectron2/export/__init__.py",
+               "from .api import *\n",
+               "try:\n"
+               "    from caffe2.proto import caffe2_pb2 as _tmp\n"
+               "\n"
+               "    # caffe2 is optional\n"
+               "except ImportError:\n"
+               "    pass\n"
+               "else:\n"
+               "    from .api import *\n",
+               f"{UPSTREAM}/commit/d29378aa (deprecate some more caffe2 stuff: caffe2 optional)"),
+)
+
+
+class SourceEditError(RuntimeError):
+    """An edit's v0.6 text is not where it should be: these are not the expected sources."""
+
+
+def apply_source_edits(root: Path, edits: Sequence[SourceEdit] = SOURCE_EDITS) -> list[str]:
+    """Apply ``edits`` to the sources under ``root``; one line per edit for the log.
+
+    Every anchor must occur exactly ``count`` times, else nothing is written and
+    :class:`SourceEditError` names the file and the text; edits never apply silently.
+    """
+    texts: dict[str, str] = {}
+    applied = []
+    for edit in edits:
+        text = texts.get(edit.path)
+        if text is None:
+            file = root / edit.path
+            if not file.is_file():
+                raise SourceEditError(f"{edit.path}: file not found under {root}")
+            text = file.read_text(encoding="utf-8")
+        found = text.count(edit.old)
+        if found != edit.count:
+            raise SourceEditError(
+                f"{edit.path}: expected {edit.count} occurrence(s) of {edit.old!r}, found "
+                f"{found}; these are not detectron2 v0.6's sources (edit for {edit.upstream})"
+            )
+        texts[edit.path] = text.replace(edit.old, edit.new)
+        applied.append(f"{edit.path} (x{edit.count}): as {edit.upstream}")
+    for path, text in texts.items():
+        (root / path).write_text(text, encoding="utf-8")
+    return applied
+
+
+# The model zoo's configs (YAML and LazyConfig Python files): the sdist has them at
+# detectron2/model_zoo/configs (official builds symlink the top-level configs/ there).
+MODEL_ZOO_CONFIGS = "detectron2/model_zoo/configs"
+# How many the sdist carries, by suffix; all are installed, and all load (tests).
+MODEL_ZOO_CONFIG_COUNTS = {".yaml": 92, ".py": 36}
+
+PURE_SETUP_PY = """\
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 # Generated by mabn_d2/tools/install_detectron2.py: detectron2 v0.6 Python sources from the
-# pb1-detectron2==0.6 sdist, without the compiled extension (see detectron2/_C.py).
+# pb1-detectron2==0.6 sdist with compatibility edits mirroring later upstream changes, and
+# without the compiled extension (see detectron2/_C.py).
+zoo = Path("detectron2/model_zoo")
+configs = sorted(str(p.relative_to(zoo)) for p in (zoo / "configs").rglob("*")
+                 if p.suffix in (".yaml", ".py"))
+# As v0.6's setup.py: three projects are installed as detectron2.projects.*.
+projects = {
+    "detectron2.projects.point_rend": "projects/PointRend/point_rend",
+    "detectron2.projects.deeplab": "projects/DeepLab/deeplab",
+    "detectron2.projects.panoptic_deeplab": "projects/Panoptic-DeepLab/panoptic_deeplab",
+}
 setup(
     name="detectron2",
     version="0.6",
-    description="detectron2 v0.6 pure-Python sources (no compiled ops)",
+    description="detectron2 v0.6 pure-Python sources (no compiled ops), patched for today's stack",
     url="https://github.com/facebookresearch/detectron2",
     license="Apache-2.0",
-    packages=find_packages(include=["detectron2", "detectron2.*"]),
+    packages=find_packages(include=["detectron2", "detectron2.*"]) + list(projects),
+    package_dir=projects,
+    package_data={"detectron2.model_zoo": configs},
     python_requires=">=3.6",
 )
-'''
+"""
 
 
 def pip(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
@@ -106,6 +332,10 @@ def prepare_pure_v06_source(workdir: Path) -> Path:
             "torch installed first, and pip >= 26 refuses it (its 'all' extra has a URL "
             "dependency): python -m pip install 'pip<26', then run this again."
         )
+    digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
+    if digest != SDIST_SHA256:
+        sys.exit(f"install_detectron2: {archives[0].name} has sha256 {digest}, expected "
+                 f"{SDIST_SHA256} (the sources SOURCE_EDITS are anchored to)")
     with tarfile.open(archives[0]) as tar:
         tar.extractall(workdir, filter="data")
     (source,) = [p for p in workdir.iterdir() if p.is_dir() and (p / "detectron2").is_dir()]
@@ -114,6 +344,17 @@ def prepare_pure_v06_source(workdir: Path) -> Path:
         sys.exit(f"install_detectron2: {archives[0].name} does not hold detectron2 v0.6")
     if (source / "detectron2" / "layers" / "csrc").exists():
         sys.exit("install_detectron2: sdist unexpectedly has csrc; install it normally instead")
+    counts = {suffix: len(list((source / MODEL_ZOO_CONFIGS).rglob(f"*{suffix}")))
+              for suffix in MODEL_ZOO_CONFIG_COUNTS}
+    if counts != MODEL_ZOO_CONFIG_COUNTS:
+        sys.exit(f"install_detectron2: {archives[0].name} has {counts} model zoo configs under "
+                 f"{MODEL_ZOO_CONFIGS}, expected {MODEL_ZOO_CONFIG_COUNTS}")
+    try:
+        applied = apply_source_edits(source)
+    except SourceEditError as e:
+        sys.exit(f"install_detectron2: {e}")
+    for line in applied:
+        print(f"install_detectron2: edited {line}", flush=True)
     shutil.copy(C_STANDIN, source / "detectron2" / "_C.py")
     (source / "setup.py").write_text(PURE_SETUP_PY)
     for stale in ("setup.cfg", "pyproject.toml"):
@@ -129,7 +370,8 @@ def install_pure_v06(workdir: Path) -> None:
         sys.exit("install_detectron2: installing the v0.6 sources failed")
     print(
         "install_detectron2: installed detectron2 v0.6 from PyPI's pb1-detectron2 sdist "
-        "WITHOUT compiled ops (detectron2._C is a stand-in that raises a clear error).",
+        f"with {len(SOURCE_EDITS)} compatibility edits and the model zoo's configs, WITHOUT "
+        "compiled ops (detectron2._C is a stand-in that raises a clear error).",
         flush=True,
     )
 

@@ -1,0 +1,83 @@
+"""tools/demo_report.py (the end of ``make demo``) and the expected range it shares with the
+README (configs/demo/expected_results.json)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("demo_report", REPO / "tools" / "demo_report.py")
+demo_report = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = demo_report  # dataclasses look their module up there
+spec.loader.exec_module(demo_report)
+
+EXPECTED = {"threads": 1, "machine": "a test CPU", "stack": "a test stack",
+            "runs": [{"seed": s, "box_AP": ap, "mask_AP": ap - 5, "seconds": 300 + 10 * s}
+                     for s, ap in ((0, 48.0), (1, 50.0), (2, 52.0))]}
+
+
+def _run_dir(tmp_path, box, mask, seed=7):
+    (tmp_path / "eval_results.json").write_text(json.dumps(
+        {"mabn_demo_shapes_val": {"bbox": {"AP": box}, "segm": {"AP": mask}}}))
+    (tmp_path / "config.yaml").write_text(f"OUTPUT_DIR: {tmp_path}\nSEED: {seed}\n")
+    return tmp_path
+
+
+def test_the_readme_states_the_expected_range_of_the_demo():
+    expected = demo_report.load_expected()
+    assert len(expected["runs"]) >= 3 and expected["threads"] >= 1
+    assert {"seed", "box_AP", "mask_AP", "seconds"} <= set(expected["runs"][0])
+    summary = demo_report.readme_summary(expected)
+    readme = " ".join((REPO / "README.md").read_text().split())  # line breaks as spaces
+    assert summary in readme, summary
+    config = (REPO / expected["config"]).read_text()
+    assert "configs/demo/expected_results.json" in config
+
+
+def test_report_places_each_number_against_mean_and_std(tmp_path):
+    run = demo_report.Run(_run_dir(tmp_path, 51.0, 39.0), threads=2, seconds=600)
+    lines = demo_report.report(run, EXPECTED)
+    assert lines[0].startswith("run: SEED 7, 2 threads; expected range: seeds 0, 1, 2, 1 thread")
+    assert "measured with 1 thread" in lines[1]
+    box, mask, time = lines[2:]
+    assert box.startswith("box AP 51.0: expected 50.0 ± 2.0 (seeds gave 48.0-52.0); within the "
+                          "expected range")
+    assert mask.startswith("mask AP 39.0: expected 45.0 ± 2.0") and "OUTSIDE" in mask
+    assert "-3.0 std, below" in mask
+    assert time.startswith("time 10 min 00 s: expected 5 min 10 s ± 10 s on a test CPU")
+
+
+def test_placement_bands():
+    assert demo_report.placement(50.5, 50.0, 1.0).startswith("within the expected range")
+    assert demo_report.placement(48.5, 50.0, 1.0).startswith("within mean ± 2 std, below")
+    assert demo_report.placement(53.0, 50.0, 1.0).startswith("OUTSIDE the expected range: +3.0")
+    assert demo_report.placement(50.0, 50.0, 0.0) == "equal to the expected value"
+
+
+def test_main_prints_the_report_and_fails_without_results(tmp_path, capsys):
+    path = tmp_path / "expected.json"
+    path.write_text(json.dumps(EXPECTED))
+    assert demo_report.main(["--output-dir", str(tmp_path), "--expected", str(path)]) == 1
+    assert "did the run finish?" in capsys.readouterr().out
+    _run_dir(tmp_path, 50.0, 45.0)
+    assert demo_report.main(["--output-dir", str(tmp_path), "--expected", str(path),
+                             "--threads", "1", "--seconds", "310"]) == 0
+    out = capsys.readouterr().out
+    assert "box AP 50.0: expected 50.0 ± 2.0" in out and "time 5 min 10 s" in out
+    assert "note:" not in out  # same thread count
+
+
+def test_sections_can_be_extended(tmp_path):
+    run = demo_report.Run(_run_dir(tmp_path, 50.0, 45.0))
+    extra = demo_report.report(run, EXPECTED, [*demo_report.SECTIONS, lambda r, e: ["pictures"]])
+    assert extra[-1] == "pictures" and not any(line.startswith("time") for line in extra)
+
+
+def test_results_of_more_than_one_dataset_are_an_error(tmp_path):
+    (tmp_path / "eval_results.json").write_text(json.dumps({"a": {}, "b": {}}))
+    with pytest.raises(ValueError, match="expected one dataset"):
+        demo_report.Run(tmp_path).results()

@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""The end of ``make demo``: where this run's result falls against what the README expects.
+
+The expected numbers live in one place, ``configs/demo/expected_results.json``: the box and
+mask AP and the wall time of ``make demo`` for several seeds, with the thread count and the
+stack they were measured on. The README states their mean ± std (a test keeps the two the
+same). This tool reads the run's ``OUTPUT_DIR/eval_results.json`` and prints, for each number,
+the expected range and where the run falls::
+
+    python tools/demo_report.py --output-dir output/demo --threads 1 --seconds 372
+
+The report is a list of sections (``SECTIONS``), each a function of the run and the expected
+results returning lines; a later step of the demo adds its own section there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EXPECTED_FILE = REPO / "configs" / "demo" / "expected_results.json"
+METRICS = {"box_AP": ("bbox", "box AP"), "mask_AP": ("segm", "mask AP")}
+
+
+@dataclass(frozen=True)
+class Run:
+    """What ``make demo`` just did."""
+
+    output_dir: Path
+    threads: int | None = None
+    seconds: float | None = None
+
+    def results(self) -> dict[str, float]:
+        """``{"box_AP", "mask_AP"}`` of the run's (single) test dataset."""
+        path = self.output_dir / "eval_results.json"
+        per_dataset = json.loads(path.read_text())
+        if len(per_dataset) != 1:
+            raise ValueError(f"{path}: expected one dataset, found {sorted(per_dataset)}")
+        (dataset,) = per_dataset.values()
+        return {key: float(dataset[task]["AP"]) for key, (task, _) in METRICS.items()}
+
+    def seed(self) -> int | None:
+        config = self.output_dir / "config.yaml"  # written by detectron2's default_setup
+        for line in config.read_text().splitlines() if config.is_file() else []:
+            if line.startswith("SEED:"):
+                return int(line.split(":", 1)[1])
+        return None
+
+
+def load_expected(path: Path = EXPECTED_FILE) -> dict:
+    return json.loads(path.read_text())
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def expected_stats(expected: dict, key: str) -> tuple[float, float]:
+    return mean_std([run[key] for run in expected["runs"]])
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
+def readme_summary(expected: dict) -> str:
+    """The sentence the README states (tests/test_demo_report.py keeps them the same)."""
+    seeds = ", ".join(str(run["seed"]) for run in expected["runs"])
+    parts = []
+    for key, (_, label) in METRICS.items():
+        mean, std = expected_stats(expected, key)
+        parts.append(f"{label} {mean:.1f} ± {std:.1f}")
+    mean, std = expected_stats(expected, "seconds")
+    return (f"{', '.join(parts)}, {_format_seconds(mean)} ± {std:.0f} s (mean ± std over seeds "
+            f"{seeds}; {_threads(expected['threads'])})")
+
+
+def _format_seconds(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s"
+
+
+def placement(value: float, mean: float, std: float) -> str:
+    """Where ``value`` falls: within 1 or 2 std of ``mean``, or outside (above/below)."""
+    if std == 0:
+        return "equal to the expected value" if value == mean else \
+            ("above" if value > mean else "below") + " the expected value"
+    z = (value - mean) / std
+    side = "above" if z > 0 else "below"
+    if abs(z) <= 1:
+        return f"within the expected range (mean ± 1 std; {z:+.1f} std)"
+    if abs(z) <= 2:
+        return f"within mean ± 2 std, {side} the mean ({z:+.1f} std)"
+    return f"OUTSIDE the expected range: {z:+.1f} std, {side} mean ± 2 std"
+
+
+def ap_section(run: Run, expected: dict) -> list[str]:
+    results = run.results()
+    lines = []
+    for key, (_, label) in METRICS.items():
+        mean, std = expected_stats(expected, key)
+        values = [r[key] for r in expected["runs"]]
+        lines.append(f"{label} {results[key]:.1f}: expected {mean:.1f} ± {std:.1f} "
+                     f"(seeds gave {min(values):.1f}-{max(values):.1f}); "
+                     f"{placement(results[key], mean, std)}")
+    return lines
+
+
+def time_section(run: Run, expected: dict) -> list[str]:
+    if run.seconds is None:
+        return []
+    mean, std = expected_stats(expected, "seconds")
+    return [f"time {_format_seconds(run.seconds)}: expected {_format_seconds(mean)} ± "
+            f"{std:.0f} s on {expected['machine']}; {placement(run.seconds, mean, std)} "
+            "(time depends on the CPU and its load)"]
+
+
+def setting_section(run: Run, expected: dict) -> list[str]:
+    lines = []
+    seed = run.seed()
+    seeds = [r["seed"] for r in expected["runs"]]
+    lines.append(f"run: SEED {seed}" + ("" if run.threads is None else
+                                        f", {_threads(run.threads)}")
+                 + f"; expected range: seeds {', '.join(map(str, seeds))}, "
+                   f"{_threads(expected['threads'])}, {expected['stack']}")
+    if run.threads is not None and run.threads != expected["threads"]:
+        lines.append(f"note: the range was measured with {_threads(expected['threads'])}; "
+                     "other thread counts round differently (AP moves within the seed spread)")
+    return lines
+
+
+Section = Callable[[Run, dict], list[str]]
+SECTIONS: list[Section] = [setting_section, ap_section, time_section]
+
+
+def report(run: Run, expected: dict, sections: Sequence[Section] = SECTIONS) -> list[str]:
+    return [line for section in sections for line in section(run, expected)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", type=Path, default=Path("output/demo"))
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the run")
+    parser.add_argument("--seconds", type=float, help="wall time of the run")
+    parser.add_argument("--expected", type=Path, default=EXPECTED_FILE)
+    args = parser.parse_args(argv)
+    run = Run(args.output_dir, args.threads, args.seconds)
+    if not (run.output_dir / "eval_results.json").is_file():
+        print(f"demo report: no {run.output_dir / 'eval_results.json'}: did the run finish?")
+        return 1
+    print("=== make demo: this run against the README's expected range")
+    for line in report(run, load_expected(args.expected)):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
