@@ -30,7 +30,7 @@ $(STAMP): setup.py requirements.txt tools/install_detectron2.py tools/detectron2
 	touch $@
 
 test: venv
-	$(PY) -m ruff check mabn_d2 tools tests
+	$(PY) -m ruff check mabn_d2 tools tests configs
 	$(PY) -m pytest -q -ra --durations=15 tests
 
 # CPU threads of the demo; its expected range (configs/demo/expected_results.json, README) was
@@ -61,7 +61,7 @@ benchmark: venv
 	$(PY) tools/benchmark.py $(BENCH_ARGS)
 
 lint: venv
-	$(PY) -m ruff check mabn_d2 tools tests
+	$(PY) -m ruff check mabn_d2 tools tests configs
 
 clean:
 	rm -rf $(VENV) output build

@@ -3,17 +3,12 @@ README (configs/demo/expected_results.json)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
-from conftest import REPO
 
-spec = importlib.util.spec_from_file_location("demo_report", REPO / "tools" / "demo_report.py")
-demo_report = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = demo_report  # dataclasses look their module up there
-spec.loader.exec_module(demo_report)
+import demo_report  # tools/ (pytest's pythonpath)
+from helpers import REPO
 
 EXPECTED = {"threads": 1, "machine": "a test CPU", "stack": "a test stack",
             "runs": [{"seed": s, "box_AP": ap, "mask_AP": ap - 5, "seconds": 300 + 10 * s}

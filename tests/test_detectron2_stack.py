@@ -10,23 +10,17 @@ the sdist carries loads, and ``model_zoo.get`` builds a Mask R-CNN.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import pickle
-import sys
 from pathlib import Path
 
 import detectron2
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 from PIL import Image
 
-spec = importlib.util.spec_from_file_location("install_detectron2",
-                                              REPO / "tools" / "install_detectron2.py")
-installer = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = installer  # dataclasses look their module up there
-spec.loader.exec_module(installer)
+import install_detectron2 as installer  # tools/ (pytest's pythonpath)
+from helpers import REPO
 
 D2_ROOT = Path(detectron2.__file__).resolve().parents[1]
 # The pure-Python fallback install has the stand-in detectron2/_C.py.

@@ -114,12 +114,19 @@ def test_pictures_have_the_inputs_size_and_printed_detections_are_the_models(
             assert box == pytest.approx(want_box, abs=1e-2)
 
 
-def test_without_output_it_prints_the_same_detections_and_fused_agrees(tiny_weights, capsys):
+def test_without_output_it_prints_the_same_detections_and_fused_agrees(tiny_weights, capsys,
+                                                                        tmp_path):
     image = str(val_images()[0])
+    run_dir = tmp_path / "a_training_run"
     args = ["--config-file", str(TINY), "--input", image, "--confidence-threshold", "0",
-            "--opts", "MODEL.WEIGHTS", str(tiny_weights)]
+            "--opts", "MODEL.WEIGHTS", str(tiny_weights), "OUTPUT_DIR", str(run_dir)]
     assert predict.main(args) == 0
-    plain = parse_printed(capsys.readouterr().out)[image]
+    captured = capsys.readouterr()
+    plain = parse_printed(captured.out)[image]
+    # stdout holds the detections only (log lines go to stderr), and a prediction writes
+    # nothing into the config's OUTPUT_DIR (a training run's log.txt)
+    assert all(line.startswith((image, "  ")) for line in captured.out.splitlines()), captured.out
+    assert "mabn_d2" in captured.err and not run_dir.exists()
     assert predict.main(["--fuse", *args]) == 0
     fused = parse_printed(capsys.readouterr().out)[image]
     assert len(fused) == len(plain) > 0

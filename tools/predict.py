@@ -47,7 +47,6 @@ from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
-from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from fvcore.common.checkpoint import _IncompatibleKeys
 
@@ -213,10 +212,35 @@ def _names(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value or [])
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a line is logged (not when it was made)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it
+        pass
+
+
+def _log_to_stderr() -> None:
+    """mabn_d2's and detectron2's log lines on stderr (once): stdout holds only detections."""
+    for name in ("mabn_d2", "detectron2"):
+        log = logging.getLogger(name)
+        if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s]: %(message)s",
+                                                   datefmt="%m/%d %H:%M:%S"))
+            log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def load_predictor(args: argparse.Namespace):
     """``(predictor, dataset names of the config: test first)`` for a YAML or LazyConfig
     (``.py``) ``--config-file`` with ``--opts`` applied."""
-    setup_logger(name="mabn_d2")
+    _log_to_stderr()
     if args.config_file.endswith(".py"):
         cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
         validate_lazy_config(cfg)
@@ -227,7 +251,7 @@ def load_predictor(args: argparse.Namespace):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    mabn_setup(cfg)
+    mabn_setup(cfg, log_to_output_dir=False)  # a prediction writes nothing into a training run
     names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
     return build_predictor(cfg, fuse=args.fuse), names
 

@@ -41,10 +41,12 @@ def get_mabn_cfg() -> CfgNode:
     return cfg
 
 
-def mabn_setup(cfg: CfgNode) -> None:
+def mabn_setup(cfg: CfgNode, *, log_to_output_dir: bool = True) -> None:
     """mabn_d2's part of a job's set-up, after detectron2's ``default_setup``.
 
-    Sets up the ``mabn_d2`` logger (same files as detectron2's), validates ``MODEL.MABN``,
+    Sets up the ``mabn_d2`` logger (same files as detectron2's; with
+    ``log_to_output_dir=False`` the caller has set up logging itself and nothing is written
+    under ``OUTPUT_DIR``, e.g. ``tools/predict.py``), validates ``MODEL.MABN``,
     checks the device, registers the user's COCO datasets, and logs that ``"MABN"`` is a
     detectron2 norm and with which settings the model will be built.
 
@@ -53,7 +55,8 @@ def mabn_setup(cfg: CfgNode) -> None:
         RuntimeError: ``MODEL.DEVICE`` is CUDA on a machine without one; ``"MABN"`` is not
             registered in detectron2's ``get_norm``.
     """
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mabn_d2")
+    if log_to_output_dir:
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mabn_d2")
     settings = settings_from_cfg(cfg)
     check_device(cfg.MODEL.DEVICE, "MODEL.DEVICE", "'MODEL.DEVICE cpu'")
     check_mabn_registered()

@@ -5,7 +5,8 @@
 # shapes (128x128 images, 4 categories; written under ./datasets on first use) for 400
 # iterations of 4 images on the CPU, then COCO-evaluated (box and mask AP) on the held-out split.
 #
-#   python tools/lazyconfig_train_net.py --config-file configs/lazy/demo/mask_rcnn_R_18_FPN_demo_mabn.py
+#   python tools/lazyconfig_train_net.py \
+#       --config-file configs/lazy/demo/mask_rcnn_R_18_FPN_demo_mabn.py
 #
 # tests/test_build_paths.py checks that the model equals the YAML demo's.
 # Expected: the YAML demo's numbers (docs/training.md), not measured separately with this file.
