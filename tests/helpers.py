@@ -106,6 +106,19 @@ def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: flo
         proc.wait()
 
 
+def subprocess_env(*paths: str | os.PathLike, **variables: str) -> dict[str, str]:
+    """This process's environment for a child Python, with ``variables`` set and ``paths`` put
+    before the caller's own ``PYTHONPATH`` (kept: packages installed with ``pip --target``,
+    as on the GPU machine, are found only through it)."""
+    python_path = [str(p) for p in paths]
+    if os.environ.get("PYTHONPATH"):
+        python_path.append(os.environ["PYTHONPATH"])
+    env = {**os.environ, **variables}
+    if python_path:
+        env["PYTHONPATH"] = os.pathsep.join(python_path)
+    return env
+
+
 @functools.lru_cache(maxsize=1)
 def triton_interpreter_problem() -> str | None:
     """Why Triton's CPU interpreter (``TRITON_INTERPRET=1``) cannot run a kernel with a loop

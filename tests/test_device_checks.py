@@ -9,8 +9,6 @@ value raises -- so that every CUDA check's logic has run before it first meets a
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -29,7 +27,7 @@ CUDA = pytest.param("cuda", id="cuda", marks=[
 CPU_AND_CUDA = ["cpu", CUDA]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 # For a subprocess: the tests' helpers and the tools, as pytest's pythonpath gives them here.
-TEST_PATH = os.pathsep.join([str(REPO), str(REPO / "tests"), str(REPO / "tools")])
+TEST_PATHS = [REPO, REPO / "tests", REPO / "tools"]
 
 
 @pytest.mark.parametrize("device", [CUDA])
@@ -54,7 +52,7 @@ def test_triton_kernels_match_plain_at_odd_sizes(device):
         device_checks.check_triton_kernels_match_plain("cpu", {checks.TRITON_INTERPRETER_SHAPES})
         print("ok")
         """,
-        TRITON_INTERPRET="1", PYTHONPATH=TEST_PATH,
+        TRITON_INTERPRET="1", paths=TEST_PATHS,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch
 from mabn_d2 import MABN2d, kernels
 from mabn_d2.kernels import cpp
 
-from helpers import REPO, triton_interpreter_problem
+from helpers import REPO, subprocess_env, triton_interpreter_problem
 
 # (dtype, relative tolerance of the outputs stored in that dtype, of float32/64 statistics)
 DTYPES = [
@@ -279,13 +280,11 @@ def test_training_saves_one_activation_sized_tensor():
     assert sum(t.numel() == x.numel() for t in saved) == 1
 
 
-def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    if "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
-        # Packages found through this process's path (e.g. installed with pip --target) too.
-        env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
+def run_python(code: str, paths: Sequence[Path] = (), **env: str) -> subprocess.CompletedProcess:
+    """``code`` in a child Python with ``paths`` before the caller's ``PYTHONPATH``."""
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+        env=subprocess_env(*paths, **env), capture_output=True, text=True, timeout=300,
     )
 
 
@@ -338,7 +337,7 @@ def test_triton_kernels_under_the_interpreter():
         assert torch.isfinite(got).all() and (x.float() ** 2).max() > 65504
         print("ok")
         """,
-        TRITON_INTERPRET="1", PYTHONPATH=str(REPO / "tests"),
+        TRITON_INTERPRET="1", paths=[REPO / "tests"],
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")

@@ -36,7 +36,7 @@ from mabn_d2 import MABN2d, kernels
 from mabn_d2.kernels import cpp
 from mabn_d2.layer import MABNStep, mabn_eval, mabn_train
 
-from helpers import REPO
+from helpers import REPO, subprocess_env, triton_interpreter_problem
 
 CHANNELS = 3
 # Worst relative error allowed per compared quantity: float64 paths agree with the float64
@@ -500,8 +500,9 @@ TRITON_SCENARIO = replace(SCENARIOS[0], chunked_every=0)
 
 def test_triton_path_matches_reference_under_the_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    if problem := triton_interpreter_problem():
+        pytest.skip(problem)
+    env = subprocess_env(REPO, REPO / "tests", TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]

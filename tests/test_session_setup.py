@@ -14,7 +14,7 @@ from detectron2.data import MetadataCatalog
 from mabn_d2.data import DEMO_VAL
 
 import helpers
-from helpers import COCO_MINI, REPO
+from helpers import COCO_MINI, REPO, subprocess_env
 
 
 @pytest.mark.parametrize("ci", ["true", "TRUE", "1", "yes", "on", "gitlab"])
@@ -46,9 +46,8 @@ def test_datasets_are_registered_at_the_session_paths():
 
 
 def test_session_data_paths_do_not_come_from_the_callers_environment(tmp_path):
-    env = {**os.environ, "DETECTRON2_DATASETS": "/caller/datasets",
-           "MABN_D2_DATASETS": "/caller/demo", "TMPDIR": str(tmp_path),
-           "PYTHONPATH": str(REPO / "tests")}
+    env = subprocess_env(REPO / "tests", DETECTRON2_DATASETS="/caller/datasets",
+                         MABN_D2_DATASETS="/caller/demo", TMPDIR=str(tmp_path))
     code = ("import json, os, conftest; print(json.dumps({k: os.environ[k] for k in "
             "('DETECTRON2_DATASETS', 'MABN_D2_DATASETS')}))")
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,

@@ -16,7 +16,7 @@ from mabn_d2.kernels import plain
 from mabn_d2.kernels.selfcheck import KERNEL_NAMES, SelfCheck, compare_kernels
 
 from helpers import triton_interpreter_problem
-from test_device_checks import TEST_PATH
+from test_device_checks import TEST_PATHS
 from test_kernels import run_python, train_steps
 
 
@@ -148,7 +148,7 @@ def test_real_triton_kernels_pass_and_an_uncompilable_one_falls_back():
         assert kernels.self_check_results()["cpu float64"] == {}
         print("ok")
         """,
-        TRITON_INTERPRET="1", PYTHONPATH=TEST_PATH,
+        TRITON_INTERPRET="1", paths=TEST_PATHS,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
