@@ -30,7 +30,7 @@ $(STAMP): setup.py requirements.txt tools/install_detectron2.py tools/detectron2
 	touch $@
 
 test: venv
-	$(PY) -m ruff check mabn_d2 tools tests configs
+	$(PY) -m ruff check mabn_d2 tools dev studies tests configs
 	$(PY) -m pytest -q -ra --durations=15 tests
 
 # CPU threads of the demo; its expected range (configs/demo/expected_results.json, README) was
@@ -52,16 +52,16 @@ demo: venv
 		--opts MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth > $(DEMO_OUT)/predictions.txt
 	@echo "prediction pictures: $(DEMO_OUT)/predictions/ (detections: $(DEMO_OUT)/predictions.txt)"
 	$(PY) tools/plot_training_curves.py $(DEMO_OUT)/metrics.json
-	@$(PY) tools/demo_report.py --output-dir $(DEMO_OUT) --threads $(DEMO_THREADS) \
+	@$(PY) dev/demo_report.py --output-dir $(DEMO_OUT) --threads $(DEMO_THREADS) \
 		--seconds $$(cat $(DEMO_OUT)/train_and_evaluate_seconds.txt)
 
 # Speed/memory of MABN vs BN/GN (docs/speed.md); e.g. make benchmark BENCH_ARGS=--quick
 BENCH_ARGS ?=
 benchmark: venv
-	$(PY) tools/benchmark.py $(BENCH_ARGS)
+	$(PY) studies/benchmark.py $(BENCH_ARGS)
 
 lint: venv
-	$(PY) -m ruff check mabn_d2 tools tests configs
+	$(PY) -m ruff check mabn_d2 tools dev studies tests configs
 
 clean:
 	rm -rf $(VENV) output build
@@ -76,10 +76,10 @@ REHEARSAL_PYTHON ?= python3.12
 .PHONY: gpu-wheelhouse gpu-check gpu-rehearsal
 
 gpu-wheelhouse: venv
-	$(PY) tools/gpu_wheelhouse.py --out $(GPU_WHEELHOUSE)
+	$(PY) dev/gpu_wheelhouse.py --out $(GPU_WHEELHOUSE)
 
 gpu-check:
-	$(GPU_PYTHON) tools/gpu_check.py --wheelhouse $(GPU_WHEELHOUSE) --out $(GPU_CHECK_OUT)
+	$(GPU_PYTHON) dev/gpu_check.py --wheelhouse $(GPU_WHEELHOUSE) --out $(GPU_CHECK_OUT)
 
 gpu-rehearsal: gpu-wheelhouse
-	$(PY) tools/gpu_rehearsal.py --python $(REHEARSAL_PYTHON) --wheelhouse $(GPU_WHEELHOUSE)
+	$(PY) dev/gpu_rehearsal.py --python $(REHEARSAL_PYTHON) --wheelhouse $(GPU_WHEELHOUSE)

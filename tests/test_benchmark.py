@@ -1,4 +1,4 @@
-"""tools/benchmark.py runs end to end at layer level and writes what it prints (tiny shapes)."""
+"""studies/benchmark.py runs end to end at layer level and writes what it prints (tiny shapes)."""
 
 from __future__ import annotations
 

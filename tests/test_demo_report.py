@@ -1,4 +1,4 @@
-"""tools/demo_report.py (the end of ``make demo``) and the expected range it shares with the
+"""dev/demo_report.py (the end of ``make demo``) and the expected range it shares with the
 README (configs/demo/expected_results.json)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""tools/detection_comparison.py: the commands it runs and how it reads and summarizes AP
+"""studies/detection_comparison.py: the commands it runs and how it reads and summarizes AP
 (no training here; the comparison itself is a long CPU job)."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every test runs a check of ``tests/device_checks.py`` on the devices it is parametrized with:
 ``"cuda"`` (marked ``cuda``, skipped where CUDA is absent: the tier that
-``tools/gpu_check.py`` runs on a GPU machine) and, where the check means something there,
+``dev/gpu_check.py`` runs on a GPU machine) and, where the check means something there,
 the CPU -- or the ``meta`` device for the host-sync check, where any host read of a tensor
 value raises -- so that every CUDA check's logic has run before it first meets a GPU.
 """
@@ -27,7 +27,7 @@ CUDA = pytest.param("cuda", id="cuda", marks=[
 CPU_AND_CUDA = ["cpu", CUDA]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 # For a subprocess: the tests' helpers and the tools, as pytest's pythonpath gives them here.
-TEST_PATHS = [REPO, REPO / "tests", REPO / "tools"]
+TEST_PATHS = [REPO, REPO / "tests", REPO / "tools", REPO / "dev", REPO / "studies"]
 
 
 @pytest.mark.parametrize("device", [CUDA])

@@ -1,4 +1,4 @@
-"""tools/gpu_check.py and tools/gpu_wheelhouse.py without a GPU or a network: offline installs,
+"""dev/gpu_check.py and dev/gpu_wheelhouse.py without a GPU or a network: offline installs,
 the report, time limits, and the wheelhouse's checks on wheels made here."""
 
 from __future__ import annotations

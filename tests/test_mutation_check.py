@@ -1,4 +1,4 @@
-"""tools/mutation_check.py reads its list strictly: a snippet that is not in its file exactly
+"""dev/mutation_check.py reads its list strictly: a snippet that is not in its file exactly
 once, an unknown alias or a missing field stops it with the mutation named."""
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def test_limit_evicts_the_least_recently_freed(cache):
 
 
 def test_profiler_sees_cached_allocations(cache):
-    # Peak-memory numbers (tools/benchmark.py) come from the profiler's allocation events.
+    # Peak-memory numbers (studies/benchmark.py) come from the profiler's allocation events.
     def peak(fn) -> int:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()

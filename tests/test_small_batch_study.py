@@ -1,4 +1,4 @@
-"""tools/small_batch_study.py: its norm layers against hand-computed formulas, and a short
+"""studies/small_batch_study.py: its norm layers against hand-computed formulas, and a short
 end-to-end run of its code path (seconds)."""
 
 from __future__ import annotations

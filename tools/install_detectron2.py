@@ -321,7 +321,7 @@ def install_from_git() -> bool:
 def prepare_pure_v06_source(workdir: Path) -> Path:
     """Download the v0.6 sdist into ``workdir`` and make it an installable pure-Python source
     tree (compiled ops replaced by the stand-in ``detectron2/_C.py``); returns the tree, ready
-    for ``pip install`` or ``pip wheel`` (``tools/gpu_wheelhouse.py``). Exits on failure."""
+    for ``pip install`` or ``pip wheel`` (``dev/gpu_wheelhouse.py``). Exits on failure."""
     download = pip(
         "download", "--no-deps", "--no-build-isolation", SDIST, "-d", str(workdir)
     )

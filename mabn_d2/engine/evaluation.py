@@ -121,7 +121,7 @@ def save_eval_results(results: Mapping[str, Mapping[str, Mapping[str, float]]], 
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     content = json.dumps(clean, indent=2).encode()
-    # Whole or not at all: tools/detection_comparison.py takes a present file as a finished run.
+    # Whole or not at all: studies/detection_comparison.py takes a present file as a finished run.
     atomic_write(path, lambda f: f.write(content))
 
 

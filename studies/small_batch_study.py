@@ -23,9 +23,9 @@ the number of groups per step for the layer.
 
 Usage::
 
-    python tools/small_batch_study.py                 # default: < 15 min on 2 CPU cores
-    python tools/small_batch_study.py --full          # 5 seeds, 30 epochs, 2 blocks per stage
-    python tools/small_batch_study.py --methods BN/32 MABN/2 --seeds 1 --epochs 2
+    python studies/small_batch_study.py                 # default: < 15 min on 2 CPU cores
+    python studies/small_batch_study.py --full          # 5 seeds, 30 epochs, 2 blocks per stage
+    python studies/small_batch_study.py --methods BN/32 MABN/2 --seeds 1 --epochs 2
 
 Writes ``<out>/small_batch_study.json``, ``<out>/small_batch_study.png`` and
 ``<out>/batch_stats_study.png`` (batch statistics of one layer, seed 0).
@@ -506,7 +506,7 @@ def plot_results(rows: Sequence[dict], runs: Sequence[dict], path: Path, title: 
 
 def plot_study_batch_stats(json_path: Path, png: Path) -> None:
     """Curves of the recorded layer's four statistics, one per method (seed 0), drawn by
-    ``tools/plot_batch_stats.py`` from the study's JSON."""
+    ``studies/plot_batch_stats.py`` from the study's JSON."""
     import plot_batch_stats  # beside this script: importable when the study runs as a script
 
     plot_batch_stats.main(["--study", str(json_path), "--out", str(png)])
@@ -575,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(table)
     print(f"total {wall / 60:.1f} min")
     result = {
-        "command": "python tools/small_batch_study.py " + " ".join(
+        "command": "python studies/small_batch_study.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "dataset": "sklearn.datasets.load_digits: 1437 train / 360 test images, stratified "
                    "split drawn with the run's seed",

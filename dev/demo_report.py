@@ -7,7 +7,7 @@ stack they were measured on. The README states their mean ± std (a test keeps t
 same). This tool reads the run's ``OUTPUT_DIR/eval_results.json`` and prints, for each number,
 the expected range and where the run falls::
 
-    python tools/demo_report.py --output-dir output/demo --threads 1 --seconds 372
+    python dev/demo_report.py --output-dir output/demo --threads 1 --seconds 372
 
 The report is a list of sections (``SECTIONS``), each a function of the run and the expected
 results returning lines; a later step of the demo adds its own section there.

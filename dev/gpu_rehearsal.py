@@ -9,7 +9,7 @@
    rehearsal's time); ``--fresh-image`` builds it anew in a temporary folder.
 2. A fresh Python 3.12 virtual environment that sees the image's packages (a ``.pth`` file),
    as the GPU machine's Python sees its image. In it, with the package index and the network
-   shut off (``PIP_NO_INDEX``, no pip configuration, a dead proxy), ``tools/gpu_check.py
+   shut off (``PIP_NO_INDEX``, no pip configuration, a dead proxy), ``dev/gpu_check.py
    --no-cuda`` installs the wheelhouse with ``pip --no-index`` into a fresh target folder,
    imports ``mabn_d2`` and ``detectron2``, finds a model-zoo config, collects the CUDA tier
    (every test skipped: no GPU), and runs the CPU layer tests -- the C++ kernels built from
@@ -20,7 +20,7 @@ Only the standard library is used here. Exit status: gpu_check's.
 
 Example::
 
-    python3 tools/gpu_rehearsal.py --wheelhouse output/gpu_wheelhouse --out output/gpu_rehearsal
+    python3 dev/gpu_rehearsal.py --wheelhouse output/gpu_wheelhouse --out output/gpu_rehearsal
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         times["fresh_venv"] = time.monotonic() - venv_start
         check_start = time.monotonic()
         check = subprocess.run(
-            [venv_python, str(REPO / "tools" / "gpu_check.py"), "--no-cuda",
+            [venv_python, str(REPO / "dev" / "gpu_check.py"), "--no-cuda",
              "--wheelhouse", str(args.wheelhouse), "--site", str(Path(tmp) / "site"),
              "--out", str(args.out), "--parts", args.parts, "--budget-s", "3600"],
             env=offline_environment(Path(tmp) / "torch_extensions"), check=False)

@@ -38,13 +38,13 @@ to FrozenBN within the run-to-run noise.
 
 Examples::
 
-    python tools/benchmark.py                      # everything, CPU (or CUDA if present)
-    python tools/benchmark.py --device cuda --amp --image-size 800 --image-width 1333
-    python tools/benchmark.py --only layer --reuse-memory
-    MABN_D2_CPU_CACHE_MB=0 python tools/benchmark.py --only layer
-    python tools/benchmark.py --quick              # small subset, a minute or two
-    python tools/benchmark.py --only layer --shapes 2,256,50,68 --repeats 20
-    python tools/benchmark.py --json output/benchmark/cpu.json
+    python studies/benchmark.py                      # everything, CPU (or CUDA if present)
+    python studies/benchmark.py --device cuda --amp --image-size 800 --image-width 1333
+    python studies/benchmark.py --only layer --reuse-memory
+    MABN_D2_CPU_CACHE_MB=0 python studies/benchmark.py --only layer
+    python studies/benchmark.py --quick              # small subset, a minute or two
+    python studies/benchmark.py --only layer --shapes 2,256,50,68 --repeats 20
+    python studies/benchmark.py --json output/benchmark/cpu.json
 
 Writes the numbers to JSON (``--json``) and prints a table.
 """

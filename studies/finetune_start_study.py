@@ -16,7 +16,7 @@ part (``MODEL.MABN.CENTRALIZE_EXCLUDE``), and from scratch. Prints the first-ite
 and the mean loss of the last iterations of each run, and the BN model's own loss.
 
     DETECTRON2_DATASETS=../shared/data/coco_mini \
-        python tools/finetune_start_study.py --pretrain-iters 300 --iters 30
+        python studies/finetune_start_study.py --pretrain-iters 300 --iters 30
 
 The small model, the coco_mini batches and the Caffe2-style checkpoint writer below are also
 what the fine-tuning tests use.

@@ -7,11 +7,11 @@ FPN and ROI heads) with the norm, schedule and seed overridden on the command li
 ``eval_results.json`` gives the AP. Finished runs are skipped, so an interrupted comparison
 resumes. Writes ``<out>/detection_comparison.json`` and ``.png`` and prints a table::
 
-    python tools/detection_comparison.py                      # 4 norms x 2 schedules x 3 seeds
-    python tools/detection_comparison.py --norms GN MABN --schedules 1 --seeds 1
-    python tools/detection_comparison.py --dry-run            # print the commands only
-    python tools/detection_comparison.py --jobs 2             # two runs at a time, 1 thread each
-    python tools/detection_comparison.py --no-train           # table of the runs finished so far
+    python studies/detection_comparison.py                      # 4 norms x 2 schedules x 3 seeds
+    python studies/detection_comparison.py --norms GN MABN --schedules 1 --seeds 1
+    python studies/detection_comparison.py --dry-run            # print the commands only
+    python studies/detection_comparison.py --jobs 2             # two runs at a time, 1 thread each
+    python studies/detection_comparison.py --no-train           # table of the runs finished so far
 """
 
 from __future__ import annotations

@@ -4,14 +4,14 @@
 The recorder is :class:`mabn_d2.integration.batch_stats.BatchStatsHook`.
 
 Each ``--run LABEL=PATH`` is one training run's detectron2 ``metrics.json`` (one JSON object
-per line) or the JSON written by ``tools/small_batch_study.py`` (its ``batch_stats`` entry, one
+per line) or the JSON written by ``studies/small_batch_study.py`` (its ``batch_stats`` entry, one
 curve per recorded method). One panel per statistic (``mu_B``, ``sigma^2_B``, ``g_B``,
 ``Psi_B``), one curve per run, e.g. BN with batch 2 against BN with batch 32 and MABN::
 
-    python tools/plot_batch_stats.py --run "BN/32=output/bn32/metrics.json" \\
+    python studies/plot_batch_stats.py --run "BN/32=output/bn32/metrics.json" \\
         --run "BN/2=output/bn2/metrics.json" --run "MABN/2=output/mabn2/metrics.json" \\
         --layer backbone.bottom_up.res2.0.conv1.norm --out batch_stats.png
-    python tools/plot_batch_stats.py --study docs/results/small_batch_study.json --out x.png
+    python studies/plot_batch_stats.py --study docs/results/small_batch_study.json --out x.png
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def read_metrics_json(path: Path, layer: str | None, channel: int) -> tuple[str,
 
 
 def read_study_json(path: Path) -> tuple[str, dict[str, Curves]]:
-    """``(layer, {method: curves})`` from ``tools/small_batch_study.py``'s JSON."""
+    """``(layer, {method: curves})`` from ``studies/small_batch_study.py``'s JSON."""
     data = json.loads(path.read_text())
     if not data.get("batch_stats"):
         raise ValueError(f"{path}: no batch statistics (run the study with --record-every > 0)")

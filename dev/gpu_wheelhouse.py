@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Fill the wheelhouse for the GPU machine (``make gpu-wheelhouse``, needs the package index).
 
-The GPU machine has no network. Its image (``tools/gpu_machine_packages.txt``: Python 3.12,
+The GPU machine has no network. Its image (``dev/gpu_machine_packages.txt``: Python 3.12,
 torch, triton, numpy 2, Pillow, matplotlib, ...) lacks what detectron2 and mabn_d2 import
 besides: those travel with the working tree as wheels (``output/gpu_wheelhouse/``, ignored by
-git, named in the device tool's ``carry``) and ``tools/gpu_check.py`` installs them with
+git, named in the device tool's ``carry``) and ``dev/gpu_check.py`` installs them with
 ``pip --no-index``.
 
 The wheelhouse holds
@@ -21,14 +21,15 @@ image, and at most :data:`LIMIT_BYTES` in all. The result is written to ``wheelh
 
 Examples::
 
-    .venv/bin/python tools/gpu_wheelhouse.py                  # -> output/gpu_wheelhouse/
-    .venv/bin/python tools/gpu_wheelhouse.py --out /tmp/whl --check-only
+    .venv/bin/python dev/gpu_wheelhouse.py                  # -> output/gpu_wheelhouse/
+    .venv/bin/python dev/gpu_wheelhouse.py --out /tmp/whl --check-only
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -42,10 +43,24 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-import install_detectron2  # tools/: the same folder as this script
-
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_PACKAGES_FILE = REPO / "tools" / "gpu_machine_packages.txt"
+
+
+def _load_installer():
+    """tools/install_detectron2.py, the user's installer, as a module (it is a script in
+    another folder than this one, not a package)."""
+    if "install_detectron2" in sys.modules:
+        return sys.modules["install_detectron2"]
+    spec = importlib.util.spec_from_file_location("install_detectron2",
+                                                  REPO / "tools" / "install_detectron2.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["install_detectron2"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+install_detectron2 = _load_installer()
+IMAGE_PACKAGES_FILE = REPO / "dev" / "gpu_machine_packages.txt"
 LIMIT_BYTES = 40 << 20
 PYTHON_VERSION = "3.12"
 PYTHON_FULL_VERSION = "3.12.3"

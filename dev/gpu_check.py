@@ -18,7 +18,7 @@ Parts (``--parts`` chooses; default: all but ``cpu_tests``):
   the Triton kernels' self-check verdicts;
 * ``cuda_tier`` -- ``pytest -m cuda tests/test_device_checks.py`` (a skipped test fails the
   part unless ``--no-cuda``: on a GPU machine, nothing may be skipped);
-* ``benchmark_layer``, ``benchmark_model`` -- ``tools/benchmark.py --device cuda``: layers in
+* ``benchmark_layer``, ``benchmark_model`` -- ``studies/benchmark.py --device cuda``: layers in
   float32 and AMP at the four detection shapes, Mask R-CNN R50-FPN training (2 images of
   800x1333) and eager inference, with the targets;
 * ``cpu_kernels`` -- the C++ CPU kernels built with this torch and tested;
@@ -28,8 +28,8 @@ Only the standard library is used here: this script runs before anything is inst
 
 Examples::
 
-    python3 tools/gpu_check.py --wheelhouse output/gpu_wheelhouse --out output/gpu_check
-    python3 tools/gpu_check.py --parts cuda_tier,benchmark_layer --out /tmp/r  # a second try
+    python3 dev/gpu_check.py --wheelhouse output/gpu_wheelhouse --out output/gpu_check
+    python3 dev/gpu_check.py --parts cuda_tier,benchmark_layer --out /tmp/r  # a second try
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def pytest_command(*args: str) -> list[str]:
 
 
 def benchmark_command(only: str, json_path: Path, quick: bool) -> list[str]:
-    command = [sys.executable, "tools/benchmark.py", "--device", "cuda", "--only", only,
+    command = [sys.executable, "studies/benchmark.py", "--device", "cuda", "--only", only,
                "--json", str(json_path)]
     if only == "layer":
         command += ["--amp"] + (["--repeats", "3"] if quick else ["--repeats", "10"])

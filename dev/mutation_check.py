@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Mutation check: do the tests catch deliberate bugs?
 
-Each mutation of ``tools/mutations.toml`` replaces one exact snippet of one file with a
+Each mutation of ``dev/mutations.toml`` replaces one exact snippet of one file with a
 bug. The check copies the repository (working tree, without .git, .venv, outputs and caches)
 to a temporary directory, runs the tests of every selected mutation once unmutated (they must
 pass: otherwise a "caught" would mean nothing), then, one mutation at a time, applies it to
@@ -12,13 +12,13 @@ the file back, and reports whether the tests failed (caught) or passed (survived
 Not part of the test suite (it runs the tests dozens of times: tens of minutes on two
 cores); run it after changing the package or the tests, e.g.::
 
-    python tools/mutation_check.py --list
-    python tools/mutation_check.py                      # every mutation
-    python tools/mutation_check.py --only py-no-finite-guard --only cpp-axpby-sign
-    nohup python tools/mutation_check.py --json output/mutations.json > mutations.log &
+    python dev/mutation_check.py --list
+    python dev/mutation_check.py                      # every mutation
+    python dev/mutation_check.py --only py-no-finite-guard --only cpp-axpby-sign
+    nohup python dev/mutation_check.py --json output/mutations.json > mutations.log &
 
 A snippet that is not in its file exactly once stops the check before anything runs, naming
-the mutation (repair its anchor in tools/mutations.toml). Exit status: 0 when every mutation
+the mutation (repair its anchor in dev/mutations.toml). Exit status: 0 when every mutation
 is caught, 1 when one survives or its tests cannot run, 2 for a bad mutation list, 3 when the
 unmutated tests fail.
 """
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MUTATIONS_FILE = REPO / "tools" / "mutations.toml"
+MUTATIONS_FILE = REPO / "dev" / "mutations.toml"
 # Not copied: version control, environments, outputs and caches.
 _SKIP = {".git", ".venv", "output", "build", "datasets", "__pycache__", ".pytest_cache",
          ".ruff_cache"}
