@@ -70,7 +70,7 @@ def _threads(n: int) -> str:
 
 
 def readme_summary(expected: dict) -> str:
-    """The sentence the README states (tests/test_demo_report.py keeps them the same)."""
+    """The sentence the README states (tests/dev/test_demo_report.py keeps them the same)."""
     seeds = ", ".join(str(run["seed"]) for run in expected["runs"])
     parts = []
     for key, (_, label) in METRICS.items():

@@ -16,7 +16,7 @@ Parts (``--parts`` chooses; default: all but ``cpu_tests``):
 * ``install`` -- the wheelhouse into ``--site`` (skipped without ``--wheelhouse``);
 * ``environment`` -- versions, the GPU, ``import mabn_d2, detectron2``, a model-zoo config,
   the Triton kernels' self-check verdicts;
-* ``cuda_tier`` -- ``pytest -m cuda tests/test_device_checks.py`` (a skipped test fails the
+* ``cuda_tier`` -- ``pytest -m cuda tests/kernels/test_device_checks.py`` (a skipped test fails the
   part unless ``--no-cuda``: on a GPU machine, nothing may be skipped);
 * ``benchmark_layer``, ``benchmark_model`` -- ``studies/benchmark.py --device cuda``: layers in
   float32 and AMP at the four detection shapes, Mask R-CNN R50-FPN training (2 images of
@@ -59,8 +59,8 @@ PER_TEST_TIMEOUT_S = 150
 # The model zoo config whose presence shows detectron2's configs were installed with it.
 ZOO_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 # The CPU layer tests of the rehearsal.
-CPU_TESTS = ["tests/test_kernels.py", "tests/test_mabn_reference.py",
-             "tests/test_device_checks.py"]
+CPU_TESTS = ["tests/kernels/test_kernels.py", "tests/layer/test_mabn_reference.py",
+             "tests/kernels/test_device_checks.py"]
 
 ENVIRONMENT_PROBE = f"""
 import json, os, platform, sys
@@ -136,14 +136,15 @@ def build_parts(args: argparse.Namespace, scratch: Path) -> list[Part]:
                         if args.wheelhouse else [], 120),
         "environment": Part("environment", [sys.executable, "-c", ENVIRONMENT_PROBE], 120),
         "cuda_tier": Part("cuda_tier", pytest_command(
-            "-m", "cuda", "tests/test_device_checks.py",
+            "-m", "cuda", "tests/kernels/test_device_checks.py",
             f"--junitxml={args.out / 'cuda_tier.xml'}"), 300),
         "benchmark_layer": Part("benchmark_layer", benchmark_command(
             "layer", scratch / "benchmark_layer.json", quick), 150),
         "benchmark_model": Part("benchmark_model", benchmark_command(
             "model", scratch / "benchmark_model.json", quick), 180),
         "cpu_kernels": Part("cpu_kernels", pytest_command(
-            "tests/test_kernels.py", "-k", "cpp_kernels_build_here or fused_step_matches"), 240),
+            "tests/kernels/test_kernels.py", "-k",
+            "cpp_kernels_build_here or fused_step_matches"), 240),
         "cpu_tests": Part("cpu_tests", pytest_command("-m", "not cuda", *CPU_TESTS), 1800),
     }
     return [parts[name] for name in args.parts]

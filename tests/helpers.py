@@ -1,5 +1,8 @@
-"""Helpers of the tests, in one place: where the repository and the real COCO subset lie, and
-small models and tools shared by several test files."""
+"""Helpers of the tests, in one place: where the repository, its configs and the real COCO
+subset lie, and small models, comparisons and runners shared by several test files. (Larger
+support modules live beside the tests that use them: tests/layer/mabn_reference.py,
+tests/kernels/kernel_formulas.py, tests/kernels/device_checks.py. No test module imports
+another test module.)"""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ import io
 import os
 import signal
 import subprocess
+import sys
+import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,13 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 COCO_MINI = Path(os.environ.get("MABN_D2_COCO_MINI", REPO.parent / "shared" / "data" / "coco_mini"))
+# The tiny Mask R-CNN of the end-to-end runs: YAML and LazyConfig.
+TINY = CONFIGS / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml"
+TINY_LAZY = CONFIGS / "lazy" / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.py"
+# For a child Python: the repository, the tests' helpers and support modules, and the scripts,
+# as pytest's own path gives them here.
+TEST_PATHS = [REPO, REPO / "tests", REPO / "tests" / "kernels", REPO / "tests" / "layer",
+              REPO / "tools", REPO / "dev", REPO / "studies"]
 
 
 # Values of CI that mean "not in CI" (CI systems set CI=true, CI=1, CI=yes, ...).
@@ -60,8 +72,38 @@ def small_backbone_cfg(norm: str, **mabn):
     return cfg
 
 
-def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+def relative_error(got: torch.Tensor, want: torch.Tensor, groups_dim: int | None = None) -> float:
+    """Relative L2 error of ``got`` against ``want`` (computed in float64 on the CPU); with
+    ``groups_dim``, the worst over the groups along that dimension (channels of an activation,
+    rows of a buffer)."""
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
+    if groups_dim is None:
+        got, want = got.reshape(1, -1), want.reshape(1, -1)
+    else:
+        got = got.movedim(groups_dim, 0).reshape(got.shape[groups_dim], -1)
+        want = want.movedim(groups_dim, 0).reshape(want.shape[groups_dim], -1)
+    errors = (got - want).norm(dim=1) / want.norm(dim=1).clamp_min(1e-300)
+    return float(errors.max())
+
+
+class SmallNet(nn.Module):
+    """Every kind of conv + MABN pairing fuse_mabn meets, and one it cannot fold."""
+
+    def __init__(self) -> None:
+        from detectron2.layers import Conv2d  # not at import: conftest sets the data paths first
+
+        from mabn_d2 import CentralizedConv2d, MABN2d
+
+        super().__init__()
+        self.centralized = CentralizedConv2d(3, 8, 3, padding=1, bias=False, norm=MABN2d(8),
+                                             activation=nn.ReLU())
+        self.with_bias = Conv2d(8, 8, 3, padding=1, bias=True, norm=MABN2d(8))
+        self.grouped = CentralizedConv2d(8, 8, 3, padding=1, groups=4, bias=False,
+                                         norm=MABN2d(8), activation=nn.ReLU())
+        self.plain_conv = nn.Sequential(nn.Conv2d(8, 4, 1), MABN2d(4))  # not foldable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.plain_conv(self.grouped(self.with_bias(self.centralized(x))))
 
 
 def set_bn_statistics(model: nn.Module, batches: list[list[dict]]) -> None:
@@ -89,6 +131,14 @@ def run_tool(*args: str) -> tuple[int, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         code = tool.main(list(args))
     return code, out.getvalue()
+
+
+def run_python(code: str, paths: Sequence[Path] = (), **env: str) -> subprocess.CompletedProcess:
+    """``code`` in a child Python with ``paths`` before the caller's ``PYTHONPATH``."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+        env=subprocess_env(*paths, **env), capture_output=True, text=True, timeout=300,
+    )
 
 
 def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float,

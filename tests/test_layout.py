@@ -56,9 +56,23 @@ def test_no_path_hacks_and_no_tool_imports_tests():
     hack = "sys." + "path"  # spelled so that this file does not contain it
     for path in python_files("tools", "dev", "studies", "tests"):
         assert hack not in path.read_text(), path
-        if path.parts[-2] in ("tools", "dev", "studies"):
-            test_modules = {p.stem for p in (REPO / "tests").glob("*.py")}
+        if path.relative_to(REPO).parts[0] in ("tools", "dev", "studies"):
+            test_modules = {p.stem for p in (REPO / "tests").rglob("*.py")}
             assert not imported_modules(path) & test_modules, path
+
+
+def test_tests_import_no_test_module_and_their_names_are_unique():
+    # tests/ has no __init__.py: pytest imports each test file by its basename (rootdir-based
+    # "prepend" mode), so two files of one name in two folders would collide.
+    files = python_files("tests")
+    names = [p.name for p in files]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
+    assert not [p for p in files if p.name == "__init__.py"]
+    # Shared pieces live in tests/helpers.py or a support module, never in a test module (also
+    # not in the code a test runs in a child Python).
+    pattern = re.compile(r"^\s*(from|import)\s+test_\w+", re.MULTILINE)
+    offenders = [str(p.relative_to(REPO)) for p in files if pattern.search(p.read_text())]
+    assert not offenders, offenders
 
 
 def test_layer_and_kernels_never_import_detectron2():

@@ -2,7 +2,8 @@
 # R-CNN R50-FPN trained from scratch, MABN in the ResNet, the FPN, a 4conv-1fc box head and the
 # mask head, weight centralization of every conv that feeds MABN, 16 images per iteration (2
 # per GPU on 8 GPUs), the 2x schedule. The same model and schedule as
-# configs/mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml (tests/test_build_paths.py checks the model).
+# configs/mask_rcnn_R_50_FPN_2x_mabn_scratch.yaml (tests/integration/test_build_paths.py checks
+# the model).
 # Built on detectron2's model-zoo LazyConfigs, the way its new_baselines are.
 #
 #   python tools/lazyconfig_train_net.py --num-gpus 8 \

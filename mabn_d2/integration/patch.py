@@ -2,7 +2,7 @@
 
 :func:`register_mabn` (called by ``import mabn_d2``; idempotent; each change logged once)
 makes exactly these changes, in detectron2 v0.6 and later releases alike (the README's table
-lists them; ``tests/test_patch.py`` checks that nothing else changes):
+lists them; ``tests/integration/test_patch.py`` checks that nothing else changes):
 
 ====  =========================================  ==================================================
  #    what                                       why

@@ -10,7 +10,7 @@ tensors of float16 / bfloat16 / float32 / float64:
 * elementwise passes run on a flat grid; the channel of each element is ``(i // HW) % C``.
 
 Tested on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, see
-``tests/test_kernels.py``); its speed on a GPU has not been measured in this repository yet.
+``tests/kernels/test_kernels.py``); its speed on a GPU has not been measured in this repository yet.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 #   python tools/lazyconfig_train_net.py \
 #       --config-file configs/lazy/demo/mask_rcnn_R_18_FPN_demo_mabn.py
 #
-# tests/test_build_paths.py checks that the model equals the YAML demo's.
+# tests/integration/test_build_paths.py checks that the model equals the YAML demo's.
 # Expected: the YAML demo's numbers (docs/training.md), not measured separately with this file.
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L

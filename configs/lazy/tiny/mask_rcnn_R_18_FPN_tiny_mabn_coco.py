@@ -1,5 +1,5 @@
 # Reproduces: nothing; the CPU-sized smoke configuration of the LazyConfig tool's tests
-# (tests/test_lazyconfig_train_net.py), configs/tiny/mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml as a
+# (tests/e2e/test_lazyconfig_train_net.py), configs/tiny/mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml as a
 # LazyConfig: the demo's Mask R-CNN R-18-FPN with MABN everywhere on detectron2's builtin COCO
 # 2017 names (point DETECTRON2_DATASETS at a COCO root, e.g. the 159-image
 # ../shared/data/coco_mini), 160-px images, 2 images per batch, a constant learning rate. MABN

@@ -1,6 +1,7 @@
 """MABN on each device: the CUDA tier (``pytest -m cuda``) and its CPU variants.
 
-Every test runs a check of ``tests/device_checks.py`` on the devices it is parametrized with:
+Every test runs a check of ``tests/kernels/device_checks.py`` on the devices it is
+parametrized with:
 ``"cuda"`` (marked ``cuda``, skipped where CUDA is absent: the tier that
 ``dev/gpu_check.py`` runs on a GPU machine) and, where the check means something there,
 the CPU -- or the ``meta`` device for the host-sync check, where any host read of a tensor
@@ -15,8 +16,7 @@ import torch
 from mabn_d2 import kernels
 
 import device_checks as checks
-from helpers import REPO, triton_interpreter_problem
-from test_kernels import run_python
+from helpers import TEST_PATHS, run_python, triton_interpreter_problem
 
 CUDA = pytest.param("cuda", id="cuda", marks=[
     pytest.mark.cuda,
@@ -26,8 +26,6 @@ CUDA = pytest.param("cuda", id="cuda", marks=[
 ])
 CPU_AND_CUDA = ["cpu", CUDA]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
-# For a subprocess: the tests' helpers and the tools, as pytest's pythonpath gives them here.
-TEST_PATHS = [REPO, REPO / "tests", REPO / "tools", REPO / "dev", REPO / "studies"]
 
 
 @pytest.mark.parametrize("device", [CUDA])

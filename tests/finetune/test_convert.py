@@ -24,7 +24,7 @@ from mabn_d2.finetune.convert import (
 )
 
 from finetune_start_study import c2_name
-from helpers import relative_l2, run_tool, small_backbone_cfg
+from helpers import relative_error, run_tool, small_backbone_cfg
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -71,7 +71,7 @@ def test_torchvision_resnet18_converts_exactly_and_trains():
                for m in norms)
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
-        assert relative_l2(converted(x), model(x)) < 1e-5
+        assert relative_error(converted(x), model(x)) < 1e-5
     # Training mode: the first step normalises with batch statistics (r = 1), and every
     # layer's parameters get dbias = sum(dy) and dweight = sum(dy * z), z = x / sqrt(E[x^2] + eps)
     seen: dict[MABN2d, list[torch.Tensor]] = {}
@@ -87,8 +87,8 @@ def test_torchvision_resnet18_converts_exactly_and_trains():
     for m in norms:
         x_in, dy = seen[m]
         z = x_in / torch.sqrt(x_in.square().mean((0, 2, 3), keepdim=True) + m.eps)
-        assert relative_l2(m.bias.grad, dy.sum((0, 2, 3))) < 1e-5
-        assert relative_l2(m.weight.grad, (dy * z).sum((0, 2, 3))) < 1e-5
+        assert relative_error(m.bias.grad, dy.sum((0, 2, 3))) < 1e-5
+        assert relative_error(m.weight.grad, (dy * z).sum((0, 2, 3))) < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["frozen_d2", "frozen_tv", "sync", "no_affine"])
@@ -108,7 +108,7 @@ def test_other_bn_types_convert_exactly(kind):
     assert mabn.weight.requires_grad is (kind == "sync")
     x = torch.randn(2, 3, 9, 9)
     with torch.no_grad():
-        assert relative_l2(converted(x), model(x)) < 1e-5
+        assert relative_error(converted(x), model(x)) < 1e-5
 
 
 def test_a_bn_module_itself_is_replaced_and_untracked_bn_keeps_gamma_beta():
@@ -158,7 +158,7 @@ def test_norm_less_convs_load_as_identity_mabn(tmp_path):
     assert len(report.names(SOURCE_IDENTITY)) == 8  # 4 lateral + 4 output convs
     x = torch.randn(1, 3, 64, 64)
     for key, ref in outputs(plain, x).items():
-        assert relative_l2(outputs(mabn, x)[key], ref) < 1e-5, key
+        assert relative_error(outputs(mabn, x)[key], ref) < 1e-5, key
 
 
 def torchvision_to_detectron2(state: dict) -> dict:
@@ -192,7 +192,7 @@ def test_torchvision_checkpoint_converted_the_detectron2_way(tmp_path):
         for i, stage in enumerate((tv.layer1, tv.layer2, tv.layer3, tv.layer4)):
             h = expected[f"res{i + 2}"] = stage(h)
     for key, value in outputs(mabn, x).items():
-        assert relative_l2(value, expected[key]) < 1e-5, key
+        assert relative_error(value, expected[key]) < 1e-5, key
 
 
 def test_conv_bias_before_bn_folds_into_mabn(tmp_path):
@@ -205,7 +205,7 @@ def test_conv_bias_before_bn_folds_into_mabn(tmp_path):
     target = nn.Sequential(Conv2d(3, 4, 3, bias=False, norm=MABN2d(4, centralize_weights=False)))
     DetectionCheckpointer(target).load(str(tmp_path / "conv_bias_bn.pth"))
     x = torch.randn(2, 3, 8, 8)
-    assert relative_l2(outputs(target, x), outputs(source, x)) < 1e-5
+    assert relative_error(outputs(target, x), outputs(source, x)) < 1e-5
 
 
 def _fpn_cfg(fpn_norm: str, **mabn):
@@ -227,7 +227,7 @@ def test_tool_converts_a_plain_pytorch_state_dict(tmp_path):
     target = convert_bn_to_mabn(torchvision.models.resnet18(num_classes=10), buffer_size=4)
     target.load_state_dict(torch.load(tmp_path / "r18_mabn.pth")["model"])  # strict
     x = torch.randn(2, 3, 48, 48)
-    assert relative_l2(outputs(target, x), outputs(model, x)) < 1e-5
+    assert relative_error(outputs(target, x), outputs(model, x)) < 1e-5
 
 
 def test_tool_converts_a_caffe2_pkl_and_the_result_loads_into_mabn(tmp_path):
@@ -257,7 +257,7 @@ def test_tool_converts_a_caffe2_pkl_and_the_result_loads_into_mabn(tmp_path):
     for key, ref in outputs(bn, x).items():
         # 1e-4, not 1e-5: like detectron2's FrozenBatchNorm2d loading Caffe2 weights, the
         # affine is divided by sqrt(1 + eps) (5e-6 per layer).
-        assert relative_l2(outputs(mabn, x)[key], ref) < 1e-4, key
+        assert relative_error(outputs(mabn, x)[key], ref) < 1e-4, key
 
 
 def test_tool_rejects_a_non_pth_output(tmp_path):

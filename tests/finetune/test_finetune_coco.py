@@ -27,7 +27,7 @@ from finetune_start_study import (
     train_steps,
     write_c2_resnet_pkl,
 )
-from helpers import relative_l2, require_coco_mini, set_bn_statistics
+from helpers import relative_error, require_coco_mini, set_bn_statistics
 
 # ResNet-18 (stem 1 + 8 blocks x 2 + 3 shortcuts), FPN (4 + 4), box head 2 convs, mask head 2.
 N_BACKBONE_NORMS, N_NORMS = 20, 20 + 8 + 2 + 2
@@ -86,14 +86,14 @@ def test_detectron2_bn_checkpoint_loads_by_exact_fold(bn_run):
     ref_features, ref_instances = eval_outputs(bn_run.model, images)
     features, instances = eval_outputs(model, images)
     for key, ref in ref_features.items():
-        assert relative_l2(features[key], ref) < 1e-4, key
+        assert relative_error(features[key], ref) < 1e-4, key
     for got, ref in zip(instances, ref_instances):
         assert len(got) == len(ref) == 100
         assert torch.equal(got.pred_classes, ref.pred_classes)
         for field in ("pred_boxes", "scores", "pred_masks"):
             a, b = got.get(field), ref.get(field)
             a, b = getattr(a, "tensor", a), getattr(b, "tensor", b)
-            assert relative_l2(a, b) < 1e-4, field
+            assert relative_error(a, b) < 1e-4, field
 
 
 def test_default_predictor_converts_the_bn_checkpoint(bn_run, coco_mini):
@@ -106,8 +106,8 @@ def test_default_predictor_converts_the_bn_checkpoint(bn_run, coco_mini):
         outputs[norm] = predictor(image)["instances"]
     mabn_layers = [m for m in predictor.model.modules() if isinstance(m, MABN2d)]
     assert len(mabn_layers) == N_NORMS and all(m.converted_from == SOURCE_BN for m in mabn_layers)
-    assert relative_l2(outputs["MABN"].scores, outputs["BN"].scores) < 1e-4
-    assert relative_l2(outputs["MABN"].pred_boxes.tensor, outputs["BN"].pred_boxes.tensor) < 1e-4
+    assert relative_error(outputs["MABN"].scores, outputs["BN"].scores) < 1e-4
+    assert relative_error(outputs["MABN"].pred_boxes.tensor, outputs["BN"].pred_boxes.tensor) < 1e-4
 
 
 def test_caffe2_frozen_affine_checkpoint_is_calibrated_before_training(c2_pkl):
@@ -129,7 +129,7 @@ def test_caffe2_frozen_affine_checkpoint_is_calibrated_before_training(c2_pkl):
         m.backbone.bottom_up.train(training)
         with torch.no_grad():
             got = m.backbone.bottom_up(x)
-        return max(relative_l2(got[k], ref[k]) for k in ref)
+        return max(relative_error(got[k], ref[k]) for k in ref)
 
     def calibrated(data, renorm_clip=5.0):
         m = copy.deepcopy(model)

@@ -1,7 +1,7 @@
-"""Subprocess of tests/test_ddp.py: ``tools/train_net.py``'s training in several CPU processes
+"""Subprocess of tests/e2e/test_ddp.py: ``tools/train_net.py``'s training in several CPU processes
 (gloo DDP), then each rank saves its own MABN buffers to ``OUTPUT_DIR/rank<r>_mabn.pt``.
 
-Usage: python tests/ddp_worker.py --num-gpus 2 --config-file CFG [opts ...]
+Usage: python tests/e2e/ddp_worker.py --num-gpus 2 --config-file CFG [opts ...]
 """
 
 from __future__ import annotations

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-import textwrap
-from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,48 +10,19 @@ import torch
 from mabn_d2 import MABN2d, kernels
 from mabn_d2.kernels import cpp
 
-from helpers import REPO, subprocess_env, triton_interpreter_problem
+from helpers import TEST_PATHS, relative_error, run_python, triton_interpreter_problem
+from kernel_formulas import (
+    DTYPES,
+    assert_same_training,
+    check_against_formulas,
+    expected,
+    make_inputs,
+    train_steps,
+)
 
-# (dtype, relative tolerance of the outputs stored in that dtype, of float32/64 statistics)
-DTYPES = [
-    (torch.float64, 1e-12, 1e-12),
-    (torch.float32, 2e-6, 1e-5),
-    (torch.bfloat16, 1e-2, 1e-5),
-    (torch.float16, 2e-3, 1e-5),
-]
 # A tiny plane, detection-like planes, a box-head-like shape, and a plane longer than the C++
 # kernels' 65536-element segment.
 SHAPES = [(2, 3, 1, 1), (2, 5, 13, 17), (16, 8, 7, 7), (1, 2, 300, 260)]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def make_inputs(shape, dtype, scale=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = shape[1]
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + 0.5).to(dtype)
-    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    a = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
-    b = torch.randn(c, generator=g, dtype=torch.float64)
-    sdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return x, dy, a.to(sdtype), b.to(sdtype)
-
-
-def expected(x, dy, a, b):
-    """The four kernels' formulas in float64 on the (already rounded) inputs."""
-    x64, dy64, a64, b64 = x.double(), dy.double(), a.double(), b.double()
-    av, bv = a64.view(1, -1, 1, 1), b64.view(1, -1, 1, 1)
-    dims = (0, 2, 3)
-    return {
-        "second_moment": (x64 * x64).mean(dims),
-        "channel_affine": av * x64 + bv,
-        "sum_dy": dy64.sum(dims),
-        "sum_dy_x": (dy64 * x64).sum(dims),
-        "grad_input": av * dy64 + bv * x64,
-    }
 
 
 def run_kernels(x, dy, a, b):
@@ -69,20 +35,6 @@ def run_kernels(x, dy, a, b):
         "sum_dy_x": sum_dy_x,
         "grad_input": kernels.grad_input(dy, x, a, b),
     }
-
-
-def check_against_formulas(got, want, x, dy, out_tol, stat_tol):
-    for key in ("channel_affine", "grad_input"):
-        assert got[key].dtype == x.dtype and got[key].shape == x.shape, key
-        assert torch.isfinite(got[key]).all(), key
-        assert rel_err(got[key], want[key]) < out_tol, (key, rel_err(got[key], want[key]))
-    assert got["second_moment"].dtype == (torch.float64 if x.dtype == torch.float64
-                                          else torch.float32)
-    assert rel_err(got["second_moment"], want["second_moment"]) < stat_tol
-    assert rel_err(got["sum_dy"], want["sum_dy"]) < stat_tol * 10
-    # sum(dy * x) cancels (mean 0): compare against the scale of its terms.
-    scale = (dy.double() * x.double()).abs().sum((0, 2, 3))
-    assert ((got["sum_dy_x"].double() - want["sum_dy_x"]).abs() / scale).max() < stat_tol
 
 
 def test_cpp_kernels_build_here():
@@ -145,8 +97,8 @@ def test_streaming_stores_give_the_same_bits():
     for plain, streamed in zip(outputs["never"], outputs["always"]):
         assert torch.equal(plain, streamed)
     want = expected(x, dy, a, b)
-    assert rel_err(outputs["always"][0], want["channel_affine"]) < 2e-6
-    assert rel_err(outputs["always"][1], want["grad_input"]) < 2e-6
+    assert relative_error(outputs["always"][0], want["channel_affine"]) < 2e-6
+    assert relative_error(outputs["always"][1], want["grad_input"]) < 2e-6
     with pytest.raises(ValueError, match="streaming mode"):
         cpp.set_streaming("sometimes")
 
@@ -161,39 +113,6 @@ def test_dispatch_and_forced_backends():
     with pytest.raises(ValueError, match="unknown backend"):
         kernels.set_backend("cuda-magic")
     assert kernels.get_backend() == "auto"
-
-
-def train_steps(backend, dtype, steps=40, fused=True, shape=(3, 4, 6, 5), bad_steps=()):
-    """Outputs, gradients and final state of ``steps`` training steps of one layer; at the steps
-    in ``bad_steps`` one channel of the input (odd steps) or of dy (even steps) is inf."""
-    torch.manual_seed(0)
-    layer = MABN2d(shape[1], buffer_size=4, warmup_iters=10, renorm_start_iter=20)
-    if dtype == torch.float64:
-        layer = layer.double()  # float32 state for float32 / half inputs, as under autocast
-    outputs = []
-    with kernels.use_backend(backend), kernels.use_fused_step(fused):
-        for step in range(steps):
-            x = (torch.randn(shape) * 2 + 0.3).to(dtype).requires_grad_()
-            dy = torch.randn(shape).to(dtype)
-            if step in bad_steps:
-                with torch.no_grad():
-                    (x if step % 2 else dy)[:, 1] = float("inf")
-            y = layer(x)
-            y.backward(dy)
-            outputs += [y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()]
-            layer.weight.grad = layer.bias.grad = None
-    return outputs, layer.state_dict()
-
-
-def assert_same_training(got, want, tol):
-    (out_a, state_a), (out_b, state_b) = got, want
-    for i, (u, v) in enumerate(zip(out_a, out_b)):
-        assert u.dtype == v.dtype and u.shape == v.shape, i
-        assert torch.equal(torch.isfinite(u), torch.isfinite(v)), i  # same inf / nan places
-        ok = torch.isfinite(v)
-        assert rel_err(u[ok], v[ok]) < tol, (i, rel_err(u[ok], v[ok]))
-    for key in state_a:
-        torch.testing.assert_close(state_a[key], state_b[key], rtol=tol, atol=tol * 1e-2)
 
 
 def test_mabn2d_cpp_and_plain_backends_agree():
@@ -280,14 +199,6 @@ def test_training_saves_one_activation_sized_tensor():
     assert sum(t.numel() == x.numel() for t in saved) == 1
 
 
-def run_python(code: str, paths: Sequence[Path] = (), **env: str) -> subprocess.CompletedProcess:
-    """``code`` in a child Python with ``paths`` before the caller's ``PYTHONPATH``."""
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
-        env=subprocess_env(*paths, **env), capture_output=True, text=True, timeout=300,
-    )
-
-
 def test_build_failure_falls_back_to_plain_with_a_warning(tmp_path):
     # A fresh extension cache and a compiler that always fails: a real failed build.
     result = run_python(
@@ -319,7 +230,7 @@ def test_triton_kernels_under_the_interpreter():
     result = run_python(
         """
         import torch
-        from test_kernels import DTYPES, check_against_formulas, expected, make_inputs
+        from kernel_formulas import DTYPES, check_against_formulas, expected, make_inputs
         from mabn_d2.kernels import triton as tk
         for dtype, out_tol, stat_tol in DTYPES:
             for shape in [(2, 3, 5, 7), (3, 2, 33, 40)]:
@@ -337,7 +248,7 @@ def test_triton_kernels_under_the_interpreter():
         assert torch.isfinite(got).all() and (x.float() ** 2).max() > 65504
         print("ok")
         """,
-        TRITON_INTERPRET="1", paths=[REPO / "tests"],
+        TRITON_INTERPRET="1", paths=TEST_PATHS,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")

@@ -8,10 +8,9 @@ import logging
 
 import pytest
 
-from helpers import CONFIGS
+from helpers import CONFIGS, TINY_LAZY
 
 DEMO_LAZY = CONFIGS / "lazy" / "demo" / "mask_rcnn_R_18_FPN_demo_mabn.py"
-TINY_LAZY = CONFIGS / "lazy" / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.py"
 
 
 def demo(*overrides: str):

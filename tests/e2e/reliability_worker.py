@@ -1,7 +1,7 @@
-"""Subprocess of tests/test_reliability_training.py: ``tools/train_net.py``'s training
+"""Subprocess of tests/e2e/test_training_runs.py: ``tools/train_net.py``'s training
 (``setup_from_args`` + ``MABNTrainer``), which can be made to stop inside a checkpoint save.
 
-Usage: python tests/reliability_worker.py [--block-save MARKER] [train_net.py arguments]
+Usage: python tests/e2e/reliability_worker.py [--block-save MARKER] [train_net.py arguments]
 
 With ``--block-save``, the run's first checkpoint save stops while the checkpoint file is being
 written (inside ``torch.save``, after the file was opened) and writes ``MARKER``: the test

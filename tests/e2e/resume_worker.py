@@ -1,7 +1,7 @@
-"""Subprocess of tests/test_resume.py: trains the tiny MABN config with tools/train_net.py's
+"""Subprocess of tests/e2e/test_resume.py: trains the tiny MABN config with tools/train_net.py's
 set-up and appends ``{"iteration", "total_loss"}`` of every step to ``LOSSES`` (JSON lines).
 
-Usage: python tests/resume_worker.py LOSSES [--resume] [cfg opts ...]
+Usage: python tests/e2e/resume_worker.py LOSSES [--resume] [cfg opts ...]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from detectron2.engine import default_argument_parser, hooks
 
 from mabn_d2.engine import MABNTrainer, setup_from_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml"
 
 

@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CONFIGS, REPO
+from helpers import REPO, TINY
 
 TRAIN_NET = REPO / "tools" / "train_net.py"
-TINY = CONFIGS / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml"
 SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # Layers that see every training step (RoI-head norms skip steps without RoIs).
 BACKBONE_PREFIX = "backbone.bottom_up."

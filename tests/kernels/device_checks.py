@@ -1,12 +1,12 @@
 """Checks of MABN on one device, shared by the CUDA tier and its CPU variants.
 
 Each ``check_*`` function takes the device to run on. ``tests/test_cuda.py`` (marked ``cuda``)
-calls them with ``"cuda"``; ``tests/test_device_checks.py`` calls the same functions on the
+calls them with ``"cuda"``; ``tests/kernels/test_device_checks.py`` calls the same functions on the
 CPU (or, for the host-sync check, on the ``meta`` device, where any read of a tensor value on
 the host raises), so that the logic of every CUDA check has run before it first meets a GPU.
 
 References are computed on the CPU in float64 with the plain kernels: ``MABN2d`` there is the
-layer that ``tests/test_mabn_reference.py`` holds to an independent transcription of the
+layer that ``tests/layer/test_mabn_reference.py`` holds to an independent transcription of the
 paper's formulas.
 """
 
@@ -30,7 +30,7 @@ from mabn_d2.kernels import plain
 from mabn_d2.kernels.selfcheck import KERNEL_NAMES, TOLERANCES, kernel_outputs
 from mabn_d2.layer import MABNStep, mabn_train
 
-from helpers import CONFIGS, small_backbone_cfg
+from helpers import CONFIGS, SmallNet, relative_error, small_backbone_cfg
 
 # A schedule that passes through every phase in SCHEDULE_STEPS steps: batch statistics
 # (t < 10), moving averages (10 <= t <= 20), renorm (t > 20), with a clip that binds.
@@ -50,11 +50,6 @@ TRITON_SHAPES = [(2, 3, 1, 1), (4, 5, 7, 7), (2, 3, 33, 40), (3, 2, 300, 257),
                  (1, 70000, 1, 1), (700, 100, 1, 1), (2, 256, 50, 68)]
 # Triton's CPU interpreter runs one program at a time: small shapes only.
 TRITON_INTERPRETER_SHAPES = [(2, 3, 1, 1), (3, 5, 7, 7), (2, 3, 33, 40)]
-
-
-def relative_error(got: Tensor, want: Tensor) -> float:
-    got, want = got.detach().cpu().double(), want.detach().cpu().double()
-    return float((got - want).norm() / want.norm().clamp_min(1e-300))
 
 
 @contextlib.contextmanager
@@ -334,8 +329,6 @@ def check_channels_last(device: str) -> None:
 
 def check_fuse_mabn(device: str) -> None:
     """``fuse_mabn`` of a model trained on ``device``: no MABN left, the same outputs."""
-    from test_fuse import SmallNet  # every kind of conv + MABN pairing fuse_mabn meets
-
     device = torch.device(device)
     torch.manual_seed(0)
     net = SmallNet().to(device)

@@ -14,7 +14,7 @@ import torch
 
 from helpers import REPO, sigkill_when
 
-WORKER = REPO / "tests" / "resume_worker.py"
+WORKER = REPO / "tests" / "e2e" / "resume_worker.py"
 TOTAL = 8
 # Exact reproduction needs the data stream in this process and no aspect-ratio buckets.
 OPTS = ("SEED", 7, "DATALOADER.NUM_WORKERS", 0, "DATALOADER.ASPECT_RATIO_GROUPING", False,

@@ -23,10 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CONFIGS, REPO
+from helpers import REPO, TINY_LAZY
 
 TOOL = REPO / "tools" / "lazyconfig_train_net.py"
-TINY = CONFIGS / "lazy" / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.py"
 SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 ITERATIONS = 6
 # Exact continuation needs the data stream in this process (the tiny config has no workers)
@@ -39,7 +38,7 @@ def run_tool(coco_mini: Path, *args: object, check: bool = True) -> str:
     # One thread: the 2-core machines these run on are shared; results do not depend on it.
     env = {**os.environ, "DETECTRON2_DATASETS": str(coco_mini), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(TOOL), "--config-file", str(TINY), *map(str, args)],
+        [sys.executable, str(TOOL), "--config-file", str(TINY_LAZY), *map(str, args)],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     output = proc.stdout + proc.stderr
@@ -125,11 +124,12 @@ def test_train_evaluate_resume_and_eval_only(coco_mini, tmp_path):
 
 
 def test_bad_mabn_value_fails_before_the_set_up_naming_the_key(tmp_path):
-    import lazyconfig_train_net as tool  # tools/ is on the tests' path (pyproject.toml)
     from detectron2.engine import default_argument_parser
 
+    import lazyconfig_train_net as tool  # tools/ is on the tests' path (pyproject.toml)
+
     args = default_argument_parser().parse_args(
-        ["--config-file", str(TINY), f"train.output_dir={tmp_path}", "mabn.buffer_size=0"])
+        ["--config-file", str(TINY_LAZY), f"train.output_dir={tmp_path}", "mabn.buffer_size=0"])
     with pytest.raises(ValueError, match=r"^mabn\.buffer_size must be an integer >= 1, got 0$"):
         tool.main(args)
     assert not (tmp_path / "config.yaml").exists()  # refused before detectron2's set-up

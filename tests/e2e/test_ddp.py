@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from helpers import CONFIGS, REPO
+from helpers import REPO, TINY
 
-WORKER = REPO / "tests" / "ddp_worker.py"
-TINY = CONFIGS / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml"
+WORKER = REPO / "tests" / "e2e" / "ddp_worker.py"
 ITERS = 3
 
 

@@ -29,7 +29,7 @@ from mabn_d2.engine.output_lock import OutputDirLock
 from helpers import CONFIGS, REPO, sigkill_when
 
 TRAIN_NET = REPO / "tools" / "train_net.py"
-WORKER = REPO / "tests" / "reliability_worker.py"
+WORKER = REPO / "tests" / "e2e" / "reliability_worker.py"
 DEMO_MABN = CONFIGS / "demo" / "mask_rcnn_R_18_FPN_demo_mabn.yaml"
 DEMO_BASE = CONFIGS / "demo" / "Base-Demo-RCNN-FPN.yaml"
 TIMEOUT = 420  # seconds: far above a healthy run's time on a busy 2-core machine

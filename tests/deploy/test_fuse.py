@@ -15,12 +15,7 @@ from mabn_d2 import CentralizedConv2d, MABN2d, add_mabn_config, fuse_mabn
 from mabn_d2.deploy.trace import trace_for_deployment
 from mabn_d2.integration.patch import import_tracing_adapter
 
-from helpers import CONFIGS
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from helpers import CONFIGS, SmallNet, relative_error
 
 
 def randomize_mabn(model: nn.Module, seed: int = 0) -> None:
@@ -33,22 +28,6 @@ def randomize_mabn(model: nn.Module, seed: int = 0) -> None:
                 m.running_second_moment.copy_(torch.rand(c, generator=g) * 3 + 0.2)
                 m.weight.copy_(torch.rand(c, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-
-
-class SmallNet(nn.Module):
-    """Every kind of conv + MABN pairing fuse_mabn meets, and one it cannot fold."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.centralized = CentralizedConv2d(3, 8, 3, padding=1, bias=False, norm=MABN2d(8),
-                                             activation=nn.ReLU())
-        self.with_bias = Conv2d(8, 8, 3, padding=1, bias=True, norm=MABN2d(8))
-        self.grouped = CentralizedConv2d(8, 8, 3, padding=1, groups=4, bias=False,
-                                         norm=MABN2d(8), activation=nn.ReLU())
-        self.plain_conv = nn.Sequential(nn.Conv2d(8, 4, 1), MABN2d(4))  # not foldable
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.plain_conv(self.grouped(self.with_bias(self.centralized(x))))
 
 
 def trained_small_net() -> SmallNet:
@@ -76,7 +55,7 @@ def test_fuse_small_model_matches_and_removes_every_mabn():
     assert isinstance(fused.plain_conv[1], FrozenBatchNorm2d)
     x = torch.randn(3, 3, 16, 20) * 3
     with torch.no_grad():
-        assert rel_err(fused(x), net(x)) < 1e-5
+        assert relative_error(fused(x), net(x)) < 1e-5
         empty = fused(torch.zeros(0, 3, 16, 20))
     assert empty.shape == (0, 4, 16, 20)
 
@@ -87,7 +66,7 @@ def test_fuse_in_place_and_keeps_gradients_flowing():
     with torch.no_grad():
         expected = net(x)
     assert fuse_mabn(net, inplace=True) is net
-    assert rel_err(net(x), expected) < 1e-5
+    assert relative_error(net(x), expected) < 1e-5
     # The fused convs are ordinary trainable layers: their bias gradients are the loss's
     # derivatives (central differences, float64).
     net.double()
@@ -170,14 +149,15 @@ def test_fuse_mask_rcnn_r50_fpn(mask_rcnn):
     got = mabn_components(fused64, image, torch.float64)
     assert ref.keys() == got.keys() and {"p2", "p6", "box_head", "mask_head"} <= ref.keys()
     for key in ref:
-        assert rel_err(got[key], ref[key]) < 1e-10, key
+        assert relative_error(got[key], ref[key]) < 1e-10, key
     # float32: the fused model is as close to the exact result as the unfused one (a deep
     # random-weight network amplifies float32 rounding to ~1e-4 in both).
     fused32 = fuse_mabn(mask_rcnn)
     unfused = mabn_components(mask_rcnn, image, torch.float32)
     fused = mabn_components(fused32, image, torch.float32)
     for key in ref:
-        assert rel_err(fused[key], ref[key]) <= 1.5 * rel_err(unfused[key], ref[key]) + 1e-6, key
+        assert (relative_error(fused[key], ref[key])
+                <= 1.5 * relative_error(unfused[key], ref[key]) + 1e-6), key
     with torch.no_grad():  # end to end, including an image batch with no detections
         outputs = fused32([{"image": image}, {"image": torch.zeros(3, 128, 160)}])
     assert len(outputs) == 2 and len(outputs[0]["instances"]) == 10

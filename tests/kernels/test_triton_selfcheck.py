@@ -15,18 +15,8 @@ from mabn_d2 import kernels
 from mabn_d2.kernels import plain
 from mabn_d2.kernels.selfcheck import KERNEL_NAMES, SelfCheck, compare_kernels
 
-from helpers import triton_interpreter_problem
-from test_device_checks import TEST_PATHS
-from test_kernels import run_python, train_steps
-
-
-def assert_identical_training(got, want) -> None:
-    (outputs_a, state_a), (outputs_b, state_b) = got, want
-    assert len(outputs_a) == len(outputs_b)
-    for u, v in zip(outputs_a, outputs_b):
-        assert torch.equal(u, v)
-    for key in state_a:
-        assert torch.equal(state_a[key], state_b[key]), key
+from helpers import TEST_PATHS, run_python, triton_interpreter_problem
+from kernel_formulas import assert_identical_training, train_steps
 
 
 def kernel_module(broken: str = "", how: str = "") -> SimpleNamespace:
@@ -127,8 +117,7 @@ def test_real_triton_kernels_pass_and_an_uncompilable_one_falls_back():
         from mabn_d2 import kernels
         from mabn_d2.kernels import triton as tk
         from mabn_d2.kernels.selfcheck import compare_kernels
-        from test_kernels import assert_same_training, train_steps
-        from test_triton_selfcheck import assert_identical_training
+        from kernel_formulas import assert_identical_training, assert_same_training, train_steps
         for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             assert compare_kernels(tk, "cpu", dtype) == {}, dtype  # no false alarm
         with warnings.catch_warnings(record=True) as caught:

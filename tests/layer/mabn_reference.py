@@ -1,42 +1,28 @@
-"""MABN training steps against an independent reference, on every path, through every branch.
+"""The independent float64 reference of MABN's training step, the scenarios that drive every
+path through every branch of the schedule, and the runner that compares a path with the
+reference at every step (the tests: tests/layer/test_mabn_reference.py).
 
 :class:`ReferenceMABN` shares no code with mabn_d2: it keeps its own state in float64 and
 evaluates the specification's formulas with plain tensor operations (elementwise ``g``, ``z``,
-explicit means). Each path that can compute a training step is driven through the same
-:data:`SCENARIOS` and compared with it at every step (``y``, ``dx``, ``dweight``, ``dbias``
-and the three statistics) and, every few steps, in eval mode:
-
-* ``fused``: the C++ fused step (CPU, per-process statistics: the default on the CPU);
-* ``separate``: the functional core's Python path on the four C++ kernels;
-* ``plain``: the Python path on PyTorch ops (non-contiguous inputs; CUDA without Triton);
-* ``sync``: the Python path with a process group, i.e. what ``MABN2d(sync=True)`` runs, here
-  with a one-process gloo group (its all-reduces are identities, so the result must equal the
-  per-process one; the cross-process sums are tested in tests/test_distributed.py);
-* ``triton``: the Python path on the Triton kernels, under Triton's CPU interpreter.
-
-Together the scenarios take every branch of the step schedule (:data:`ALL_BRANCHES`); each
-scenario states which it takes, and the run asserts it did.
+explicit means). Together the scenarios take every branch of the step schedule
+(:data:`ALL_BRANCHES`); each scenario states which it takes, and :func:`run_path` asserts it
+did.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-import pytest
 import torch
 import torch.distributed as dist
 
 from mabn_d2 import MABN2d, kernels
-from mabn_d2.kernels import cpp
 from mabn_d2.layer import MABNStep, mabn_eval, mabn_train
 
-from helpers import REPO, subprocess_env, triton_interpreter_problem
+from helpers import relative_error
 
 CHANNELS = 3
 # Worst relative error allowed per compared quantity: float64 paths agree with the float64
@@ -370,18 +356,6 @@ def path_context(path: str) -> contextlib.AbstractContextManager:
 # ---------------------------------------------------------------- comparison
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor, groups_dim: int | None = None) -> float:
-    """Worst relative L2 error over groups (channels of an activation, rows of a buffer)."""
-    got, want = got.double(), want.double()
-    if groups_dim is None:
-        got, want = got.reshape(1, -1), want.reshape(1, -1)
-    else:
-        got = got.movedim(groups_dim, 0).reshape(got.shape[groups_dim], -1)
-        want = want.movedim(groups_dim, 0).reshape(want.shape[groups_dim], -1)
-    errors = (got - want).norm(dim=1) / want.norm(dim=1).clamp_min(1e-300)
-    return float(errors.max())
-
-
 def keep_channels(t: torch.Tensor, bad_channel: int | None, dim: int) -> torch.Tensor:
     # A non-finite step's output in the affected channel is unspecified (NaN or inf).
     if bad_channel is None:
@@ -403,7 +377,7 @@ def run_path(path: str, scenario: Scenario, dtype: torch.dtype, group: object = 
     worst: dict[str, float] = {}
 
     def check(key: str, got: torch.Tensor, want: torch.Tensor, t: int, dim=None) -> None:
-        err, tol = rel_err(got, want, dim), TOLERANCE[dtype][key]
+        err, tol = relative_error(got, want, dim), TOLERANCE[dtype][key]
         worst[key] = max(worst.get(key, 0.0), err)
         assert err < tol, (f"{path} path, {dtype}, scenario '{scenario.name}', step {t}: "
                            f"{key} relative error {err:.3g} >= {tol}")
@@ -447,78 +421,6 @@ def run_path(path: str, scenario: Scenario, dtype: torch.dtype, group: object = 
     return worst
 
 
-def needs_cpp(path: str) -> None:
-    if path in ("fused", "separate") and not cpp.available():
-        pytest.skip("the C++ kernels did not build (test_cpp_kernels_build_here says why)")
-
-
-# ---------------------------------------------------------------- tests
-
-
-@pytest.fixture(scope="module")
-def process_group(tmp_path_factory):
-    with one_process_group(str(tmp_path_factory.mktemp("gloo"))) as group:
-        yield group
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("path", ["fused", "separate", "plain", "sync"])
-def test_path_matches_reference_through_every_branch(path, dtype, request):
-    needs_cpp(path)
-    group = request.getfixturevalue("process_group") if path == "sync" else None
-    for scenario in SCENARIOS:
-        run_path(path, scenario, dtype, group)
-
-
-def test_scenarios_take_every_branch_of_the_schedule():
-    found: set[str] = set()
-    for scenario in SCENARIOS:
-        ref = ReferenceMABN(CHANNELS, scenario.settings, scenario.start)
-        for step in make_steps(scenario, torch.float64):
-            ref.train_step(step.x, step.weight, step.bias, step.dy)
-        assert scenario.covers <= ref.branches, scenario.name
-        found |= ref.branches
-    assert found == ALL_BRANCHES
-
-
-TRITON_SCRIPT = """
-import json, torch
-from mabn_d2 import kernels
-from mabn_d2.kernels import triton as triton_kernels
-# The dispatch sends only CUDA tensors to Triton; under the interpreter its kernels run on
-# CPU tensors, so this process routes every kernel call there.
-kernels._select = lambda *tensors: ("triton", triton_kernels)
-from test_mabn_reference import TRITON_SCENARIO, run_path
-worst = {str(dtype): run_path("triton", TRITON_SCENARIO, dtype)
-         for dtype in (torch.float64, torch.float32)}
-print(json.dumps(worst))
-"""
 # The interpreter takes milliseconds per reduction program: the Triton path runs the first
 # scenario (every phase, the clip at both ends, non-finite steps) with batches of 2 only.
 TRITON_SCENARIO = replace(SCENARIOS[0], chunked_every=0)
-
-
-def test_triton_path_matches_reference_under_the_interpreter():
-    pytest.importorskip("triton")
-    if problem := triton_interpreter_problem():
-        pytest.skip(problem)
-    env = subprocess_env(REPO, REPO / "tests", TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    worst = json.loads(result.stdout.strip().splitlines()[-1])
-    for dtype in ("torch.float64", "torch.float32"):  # every quantity compared, in both
-        assert set(worst[dtype]) == set(TOLERANCE[torch.float64]), worst
-
-
-def test_eval_is_per_channel_affine():
-    layer = MABN2d(4).eval()
-    with torch.no_grad():
-        layer.running_second_moment.copy_(torch.tensor([0.5, 1.0, 2.0, 4.0]))
-        layer.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
-        layer.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 0.5]))
-    x = torch.randn(3, 4, 5, 5)
-    scale = layer.weight / torch.sqrt(layer.running_second_moment + layer.eps)
-    expected = x * scale.view(1, 4, 1, 1) + layer.bias.view(1, 4, 1, 1)
-    torch.testing.assert_close(layer(x), expected)
-    assert layer.iteration == 0  # eval never advances the schedule

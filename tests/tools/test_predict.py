@@ -23,9 +23,8 @@ from mabn_d2.engine import get_mabn_cfg
 
 import plot_training_curves
 import predict
-from helpers import CONFIGS, REPO
+from helpers import CONFIGS, REPO, TINY
 
-TINY = CONFIGS / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml"
 # Two coco_mini val images of different sizes (640x427 and 333x500).
 IMAGES = ("000000397133.jpg", "000000011813.jpg")
 HEADER = re.compile(r"^(.+) \((\d+)x(\d+)\): (\d+) detections with score >= ")
