@@ -42,7 +42,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from mabn_d2 import add_mabn_config
-from mabn_d2.engine.checkpoint_io import AtomicCheckpointer
+from mabn_d2.engine.atomic_checkpointer import AtomicCheckpointer
 from mabn_d2.file_io import atomic_write
 from mabn_d2.finetune.calibration import (
     calibrate_mabn,

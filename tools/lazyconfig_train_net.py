@@ -3,8 +3,8 @@
 
 detectron2's ``tools/lazyconfig_train_net.py`` (``--config-file x.py``, ``key=value``
 overrides, ``--eval-only``, ``--resume``, ``--num-gpus``), with what ``tools/train_net.py``
-does for YAML configs (:mod:`mabn_d2.engine.lazy`): MABN values validated before the model is
-built (errors name the key), COCO evaluation without detectron2's compiled ops and
+does for YAML configs (:mod:`mabn_d2.engine.lazy_training`): MABN values validated before the
+model is built (errors name the key), COCO evaluation without detectron2's compiled ops and
 ``eval_results.json``, an exact ``--resume`` (optimizer, random generators and the position
 in the data stream restored), MABN calibration for BN checkpoints and PreciseBN::
 
@@ -39,9 +39,9 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 
 import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
-from mabn_d2.engine.checkpoint_io import AtomicCheckpointer
+from mabn_d2.engine.atomic_checkpointer import AtomicCheckpointer
 from mabn_d2.engine.launch import launch  # detectron2's launch; gloo processes without CUDA
-from mabn_d2.engine.lazy import (
+from mabn_d2.engine.lazy_training import (
     build_lazy_model,
     build_lazy_train_loader,
     lazy_mabn_hooks,

@@ -52,8 +52,8 @@ from fvcore.common.checkpoint import _IncompatibleKeys
 
 import mabn_d2
 from mabn_d2.engine import get_mabn_cfg, mabn_setup
-from mabn_d2.engine.lazy import build_lazy_model
-from mabn_d2.integration.lazy import validate_lazy_config
+from mabn_d2.engine.lazy_training import build_lazy_model
+from mabn_d2.integration.lazy_config import validate_lazy_config
 
 logger = logging.getLogger("mabn_d2.predict")
 

@@ -28,7 +28,7 @@ from detectron2.engine import default_argument_parser
 
 import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
 from mabn_d2.engine import MABNTrainer, setup_from_args
-from mabn_d2.engine.checkpoint_io import AtomicCheckpointer
+from mabn_d2.engine.atomic_checkpointer import AtomicCheckpointer
 from mabn_d2.engine.launch import launch  # detectron2's launch; gloo processes without CUDA
 from mabn_d2.engine.output_lock import OutputDirBusyError
 

@@ -18,7 +18,7 @@ from ..data import check_num_classes
 from ..data.annotation_checks import instances_without_masks
 from ..data.user_coco import drop_invalid_annotations
 from ..integration.batch_stats import build_batch_stats_hook
-from .checkpoint_io import AtomicCheckpointer
+from .atomic_checkpointer import AtomicCheckpointer
 from .evaluation import EVAL_RESULTS_FILE, build_coco_evaluator, report_eval_results
 from .hooks import build_mabn_hooks
 from .resume import RNGStates, build_resumable_loader, continue_data_stream

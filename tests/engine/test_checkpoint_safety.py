@@ -16,7 +16,7 @@ from detectron2.modeling import build_backbone
 from torch import nn
 
 from mabn_d2 import MABNCheckpointError
-from mabn_d2.engine.checkpoint_io import AtomicCheckpointer, NoReadableCheckpointError
+from mabn_d2.engine.atomic_checkpointer import AtomicCheckpointer, NoReadableCheckpointError
 from mabn_d2.file_io import atomic_write
 from mabn_d2.finetune.convert import fold_bn
 

@@ -345,7 +345,7 @@ def test_centralization_opt_out_is_the_same_in_both_config_systems():
     from detectron2.config import LazyConfig, instantiate
     from detectron2.modeling import build_model
 
-    from mabn_d2.integration.lazy import derive_settings
+    from mabn_d2.integration.lazy_config import derive_settings
 
     yaml = yaml_cfg(DEMO_YAML, "MODEL.MABN.CENTRALIZE_EXCLUDE", "['backbone.bottom_up']",
                     "MODEL.MABN.BUFFER_SIZE", "6")

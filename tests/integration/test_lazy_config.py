@@ -1,6 +1,6 @@
 """MABN values in LazyConfigs are validated before anything is built, errors naming the full key
-(:func:`mabn_d2.integration.lazy.validate_lazy_config`); the LazyConfig tool's helpers
-(:mod:`mabn_d2.engine.lazy`) read their settings the same way."""
+(:func:`mabn_d2.integration.lazy_config.validate_lazy_config`); the LazyConfig tool's helpers
+(:mod:`mabn_d2.engine.lazy_training`) read their settings the same way."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def demo(*overrides: str):
 def test_the_lazy_configs_are_valid_and_have_detectron2s_top_level_keys(path, caplog):
     from detectron2.config import LazyConfig
 
-    from mabn_d2.integration.lazy import validate_lazy_config
+    from mabn_d2.integration.lazy_config import validate_lazy_config
 
     cfg = LazyConfig.load(str(path))
     # what detectron2's lazyconfig_train_net.py reads, and the settings node; no aliases
@@ -48,7 +48,7 @@ def test_the_lazy_configs_are_valid_and_have_detectron2s_top_level_keys(path, ca
      "train.mabn_calibration.num_batches must be an integer >= 1, got 0"),
 ])
 def test_a_bad_value_names_its_full_key(override, message):
-    from mabn_d2.integration.lazy import validate_lazy_config
+    from mabn_d2.integration.lazy_config import validate_lazy_config
 
     with pytest.raises(ValueError) as error:
         validate_lazy_config(demo(override))
@@ -59,7 +59,7 @@ def test_a_part_with_its_own_settings_node_is_checked_under_its_key():
     from detectron2.config import LazyCall as L
 
     from mabn_d2 import MABN2d, MABNSettings
-    from mabn_d2.integration.lazy import validate_lazy_config
+    from mabn_d2.integration.lazy_config import validate_lazy_config
 
     cfg = demo()
     cfg.model.roi_heads.box_head.conv_norm = L(MABNSettings)(warmup_iters=-1)
@@ -75,7 +75,7 @@ def test_a_part_with_its_own_settings_node_is_checked_under_its_key():
 def test_a_derived_settings_node_is_checked_under_its_key():
     from detectron2.config import LazyCall as L
 
-    from mabn_d2.integration.lazy import derive_settings, validate_lazy_config
+    from mabn_d2.integration.lazy_config import derive_settings, validate_lazy_config
 
     cfg = demo()
     cfg.model.backbone.norm = L(derive_settings)(base="${mabn}", renorm_clip=0.0)
@@ -87,7 +87,7 @@ def test_a_derived_settings_node_is_checked_under_its_key():
 
 
 def test_a_reference_to_a_missing_settings_node_says_what_to_define():
-    from mabn_d2.integration.lazy import validate_lazy_config
+    from mabn_d2.integration.lazy_config import validate_lazy_config
 
     cfg = demo()
     del cfg["mabn"]
@@ -98,7 +98,7 @@ def test_a_reference_to_a_missing_settings_node_says_what_to_define():
 
 
 def test_the_string_mabn_beside_a_settings_node_is_a_warning(caplog):
-    from mabn_d2.integration.lazy import validate_lazy_config
+    from mabn_d2.integration.lazy_config import validate_lazy_config
 
     with caplog.at_level(logging.WARNING, logger="mabn_d2"):
         validate_lazy_config(demo("model.roi_heads.mask_head.conv_norm=MABN"))
@@ -119,7 +119,7 @@ def test_instantiate_alone_names_the_argument():
     ("train.precise_bn.period=5", "train.precise_bn must be dict(enabled=..., num_iter=...)"),
 ])
 def test_precise_bn_settings_name_their_key(override, message):
-    from mabn_d2.engine.lazy import precise_bn_from_lazy
+    from mabn_d2.engine.lazy_training import precise_bn_from_lazy
 
     with pytest.raises(ValueError) as error:
         precise_bn_from_lazy(demo(override))
@@ -127,9 +127,9 @@ def test_precise_bn_settings_name_their_key(override, message):
 
 
 def test_calibration_and_precise_bn_default_where_the_config_has_none():
-    from mabn_d2.engine.lazy import PreciseBNSettings, precise_bn_from_lazy
+    from mabn_d2.engine.lazy_training import PreciseBNSettings, precise_bn_from_lazy
     from mabn_d2.integration.config import CalibrationSettings
-    from mabn_d2.integration.lazy import calibration_from_lazy
+    from mabn_d2.integration.lazy_config import calibration_from_lazy
 
     cfg = demo()
     del cfg.train["mabn_calibration"]
@@ -142,7 +142,7 @@ def test_calibration_and_precise_bn_default_where_the_config_has_none():
 
 
 def test_instantiate_with_keeps_references_into_the_config():
-    from mabn_d2.engine.lazy import instantiate_with
+    from mabn_d2.engine.lazy_training import instantiate_with
 
     cfg = demo("dataloader.train.mapper.image_format=RGB")
     # the test mapper's image_format is "${...train.mapper.image_format}"
@@ -154,7 +154,7 @@ def test_coco_evaluator_needs_no_compiled_ops_and_writes_under_the_output_dir(co
     from detectron2.config import LazyConfig
 
     from mabn_d2.engine.evaluation import has_compiled_coco_eval
-    from mabn_d2.engine.lazy import build_lazy_evaluator
+    from mabn_d2.engine.lazy_training import build_lazy_evaluator
 
     cfg = LazyConfig.apply_overrides(LazyConfig.load(str(TINY_LAZY)),
                                      [f"train.output_dir={tmp_path}"])

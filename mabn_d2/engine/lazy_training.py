@@ -4,7 +4,7 @@ What ``tools/lazyconfig_train_net.py`` adds to detectron2's own LazyConfig tool,
 machinery it shares with the YACS path (:class:`~mabn_d2.engine.MABNTrainer`):
 
 * set-up: the config validated before anything is built (errors name the full key,
-  :func:`mabn_d2.integration.lazy.validate_lazy_config`), the device checked, the ``mabn_d2``
+  :func:`mabn_d2.integration.lazy_config.validate_lazy_config`), the device checked, the ``mabn_d2``
   logger next to detectron2's (:func:`lazy_setup`);
 * the model instantiated with its MABN layers named and described (:func:`build_lazy_model`);
 * a training loader whose data stream resumes where an interrupted run stopped
@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..data.user_coco import check_dataset_classes
-from ..integration.lazy import calibration_from_lazy, target_of, validate_lazy_config
+from ..integration.lazy_config import calibration_from_lazy, target_of, validate_lazy_config
 from ..integration.norm import name_mabn_layers
 from .evaluation import coco_evaluator, report_eval_results
 from .hooks import mabn_hooks
