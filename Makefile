@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-python$(PYTHON_VERSION)
 DEMO_OUT ?= output/demo
 DEMO_CONFIG := configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml
 
-.PHONY: venv test demo lint clean benchmark
+.PHONY: venv test test-fast demo lint clean benchmark
 
 venv: $(STAMP)
 
@@ -32,6 +32,12 @@ $(STAMP): setup.py requirements.txt tools/install_detectron2.py tools/detectron2
 test: venv
 	$(PY) -m ruff check mabn_d2 tools dev studies tests configs
 	$(PY) -m pytest -q -ra --durations=15 tests
+
+# Everything but the end-to-end tests (child processes, training, command-line runs) and the
+# CUDA tier: about 2 minutes on 2 cores (docs/testing.md).
+test-fast: venv
+	$(PY) -m ruff check mabn_d2 tools dev studies tests configs
+	$(PY) -m pytest -q -ra --durations=10 -m "not e2e and not cuda" tests
 
 # CPU threads of the demo; its expected range (configs/demo/expected_results.json, README) was
 # measured with 1. On a busy 2-core machine two OpenMP threads stall each other (measured side

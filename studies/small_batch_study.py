@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import platform
+import runpy
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -507,9 +508,10 @@ def plot_results(rows: Sequence[dict], runs: Sequence[dict], path: Path, title: 
 def plot_study_batch_stats(json_path: Path, png: Path) -> None:
     """Curves of the recorded layer's four statistics, one per method (seed 0), drawn by
     ``studies/plot_batch_stats.py`` from the study's JSON."""
-    import plot_batch_stats  # beside this script: importable when the study runs as a script
-
-    plot_batch_stats.main(["--study", str(json_path), "--out", str(png)])
+    # The script beside this one (studies/ is a folder of scripts, not a package).
+    plot_batch_stats = runpy.run_path(str(Path(__file__).with_name("plot_batch_stats.py")),
+                                      run_name="plot_batch_stats")
+    plot_batch_stats["main"](["--study", str(json_path), "--out", str(png)])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -32,6 +32,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(SESSION_DATASETS, ignore_errors=True)
 
 
+E2E_FOLDER = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e/ is end to end (marker ``e2e``), as are the tests marked so
+    elsewhere; ``make test-fast`` runs the rest."""
+    for item in items:
+        if E2E_FOLDER in Path(item.fspath).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture
 def coco_mini() -> Path:
     return require_coco_mini()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import io
 import os
 import signal
@@ -17,6 +18,7 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -28,14 +30,26 @@ COCO_MINI = Path(os.environ.get("MABN_D2_COCO_MINI", REPO.parent / "shared" / "d
 # The tiny Mask R-CNN of the end-to-end runs: YAML and LazyConfig.
 TINY = CONFIGS / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml"
 TINY_LAZY = CONFIGS / "lazy" / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.py"
-# For a child Python: the repository, the tests' helpers and support modules, and the scripts,
-# as pytest's own path gives them here.
-TEST_PATHS = [REPO, REPO / "tests", REPO / "tests" / "kernels", REPO / "tests" / "layer",
-              REPO / "tools", REPO / "dev", REPO / "studies"]
+# For a child Python: the repository, the tests' helpers and support modules, as pytest's own
+# path gives them here.
+TEST_PATHS = [REPO, REPO / "tests", REPO / "tests" / "kernels", REPO / "tests" / "layer"]
 
 
 # Values of CI that mean "not in CI" (CI systems set CI=true, CI=1, CI=yes, ...).
 _NOT_CI = ("", "0", "false", "no", "off")
+
+
+@functools.cache
+def import_script(relative_path: str) -> ModuleType:
+    """A script of tools/, dev/ or studies/ (``"tools/predict.py"``) as a module, loaded once per
+    session under its file name. The scripts are not packages and not on the tests' path: a
+    test names the file it exercises."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses and pickle look a class's module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def running_in_ci() -> bool:
@@ -109,7 +123,7 @@ class SmallNet(nn.Module):
 def set_bn_statistics(model: nn.Module, batches: list[list[dict]]) -> None:
     """Give every BatchNorm the cumulative statistics of ``batches`` (training forward with
     ``momentum=None``), as a converged BN model has."""
-    from finetune_start_study import total_loss  # tools/ is on the tests' path
+    total_loss = import_script("studies/finetune_start_study.py").total_loss
 
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in bns:
@@ -125,7 +139,7 @@ def set_bn_statistics(model: nn.Module, batches: list[list[dict]]) -> None:
 
 def run_tool(*args: str) -> tuple[int, str]:
     """``tools/convert_checkpoint.py ARGS`` in this process: (exit code, stdout + stderr)."""
-    import convert_checkpoint as tool  # tools/ is on the tests' path (pyproject.toml)
+    tool = import_script("tools/convert_checkpoint.py")
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):

@@ -39,7 +39,11 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 
 import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
-from mabn_d2.engine.atomic_checkpointer import AtomicCheckpointer
+from mabn_d2.engine.atomic_checkpointer import (
+    AtomicCheckpointer,
+    MissingWeightsError,
+    load_eval_weights,
+)
 from mabn_d2.engine.launch import launch  # detectron2's launch; gloo processes without CUDA
 from mabn_d2.engine.lazy_training import (
     build_lazy_model,
@@ -107,12 +111,12 @@ def main(args: argparse.Namespace):
     if args.eval_only:
         model = d2_defaults.create_ddp_model(build_lazy_model(cfg))
         checkpointer = AtomicCheckpointer(model, save_dir=cfg.train.output_dir)
-        if not cfg.train.init_checkpoint and not (args.resume and checkpointer.has_checkpoint()):
-            raise SystemExit(
-                "--eval-only needs weights: train.init_checkpoint=path/to/model.pth, or --resume "
-                f"with a last_checkpoint in train.output_dir ({cfg.train.output_dir})"
-            )
-        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+        try:
+            load_eval_weights(checkpointer, cfg.train.init_checkpoint, args.resume,
+                              weights_example="train.init_checkpoint=path/to/model.pth",
+                              output_key="train.output_dir")
+        except MissingWeightsError as error:
+            raise SystemExit(str(error)) from None
         return lazy_test(cfg, model)
     do_train(args, cfg)
 

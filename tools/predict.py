@@ -20,9 +20,10 @@ detectron2's ``demo/demo.py`` conventions, for every config this project ships::
     python tools/predict.py --config-file CFG --dataset mabn_demo_shapes_val --num-images 6 \\
         --output predictions/ --opts MODEL.WEIGHTS model_final.pth
 
-``--fuse`` folds the eval-mode MABN layers into their convs first (:func:`mabn_d2.fuse_mabn`,
-the deployed form). The device is the config's ``MODEL.DEVICE`` (``--opts MODEL.DEVICE cuda``;
-in a LazyConfig ``train.device=cuda``). Images are resized as the config's test data are.
+The predictors are :mod:`mabn_d2.engine.predictor`'s. ``--fuse`` folds the eval-mode MABN
+layers into their convs first (:func:`mabn_d2.fuse_mabn`, the deployed form). The device is the
+config's ``MODEL.DEVICE`` (``--opts MODEL.DEVICE cuda``; in a LazyConfig
+``train.device=cuda``). Images are resized as the config's test data are.
 A missing or unreadable image, and weights that do not fit the config's model, stop the run
 with a message naming them.
 """
@@ -40,92 +41,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
-from fvcore.common.checkpoint import _IncompatibleKeys
 
-import mabn_d2
-from mabn_d2.engine import get_mabn_cfg, mabn_setup
-from mabn_d2.engine.lazy_training import build_lazy_model
-from mabn_d2.integration.lazy_config import validate_lazy_config
+import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
+from mabn_d2.engine.atomic_checkpointer import MissingWeightsError
+from mabn_d2.engine.predictor import WeightsMismatchError, load_predictor
 
 logger = logging.getLogger("mabn_d2.predict")
-
-
-class WeightsMismatchError(RuntimeError):
-    """The weights file does not describe the config's model."""
-
-
-class _StrictCheckpointer(DetectionCheckpointer):
-    """detectron2's checkpointer, but a model entry missing from the weights or of another
-    shape is an error instead of a logged warning (an untrained part would predict noise)."""
-
-    def _log_incompatible_keys(self, incompatible: _IncompatibleKeys) -> None:
-        super()._log_incompatible_keys(incompatible)
-        problems = [f"{key}: shape {tuple(saved)} in the weights, {tuple(wanted)} in the model"
-                    for key, saved, wanted in incompatible.incorrect_shapes]
-        problems += [f"{key}: not in the weights" for key in incompatible.missing_keys]
-        if problems:
-            shown = "\n  ".join(problems[:10])
-            more = f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else ""
-            raise WeightsMismatchError(
-                f"the weights do not fit the model of the config ({len(problems)} entries):"
-                f"\n  {shown}{more}\nUse the config the weights were trained with.")
-
-
-def _check_weights(weights: str, key: str, example: str) -> None:
-    if not weights:
-        raise SystemExit(f"predict: no weights: add --opts {example}")
-    if "://" not in weights and not os.path.isfile(weights):
-        raise SystemExit(f"predict: {key} {weights!r} is not a file")
-
-
-def build_predictor(cfg: CfgNode, fuse: bool = False) -> DefaultPredictor:
-    """detectron2's ``DefaultPredictor`` for ``cfg``, its weights loaded strictly (see
-    :class:`_StrictCheckpointer`), MABN folded into the convs if ``fuse``."""
-    weights = cfg.MODEL.WEIGHTS
-    _check_weights(weights, "MODEL.WEIGHTS", "MODEL.WEIGHTS path/to/model_final.pth")
-    empty = cfg.clone()
-    empty.defrost()
-    empty.MODEL.WEIGHTS = ""  # the predictor starts from scratch; the strict load follows
-    predictor = DefaultPredictor(empty)
-    _StrictCheckpointer(predictor.model).load(weights)
-    if fuse:
-        mabn_d2.fuse_mabn(predictor.model, inplace=True)
-    return predictor
-
-
-class LazyPredictor:
-    """``DefaultPredictor`` for a LazyConfig: ``cfg.model`` with the weights of
-    ``train.init_checkpoint`` (loaded strictly), images resized by the test mapper's
-    augmentations, in ``model.input_format``; ``predictor(bgr_image) -> {"instances": ...}``."""
-
-    def __init__(self, cfg, fuse: bool = False) -> None:
-        weights = cfg.train.init_checkpoint
-        _check_weights(weights, "train.init_checkpoint",
-                       "train.init_checkpoint=path/to/model_final.pth")
-        self.model = build_lazy_model(cfg).eval()
-        _StrictCheckpointer(self.model).load(weights)
-        if fuse:
-            mabn_d2.fuse_mabn(self.model, inplace=True)
-        self.augmentations = T.AugmentationList(
-            instantiate(cfg.dataloader.test.mapper.augmentations))
-        self.input_format = cfg.model.get("input_format", "BGR")
-
-    def __call__(self, image_bgr: np.ndarray) -> dict:
-        image = image_bgr[:, :, ::-1] if self.input_format == "RGB" else image_bgr
-        height, width = image.shape[:2]
-        resized = T.AugInput(image)
-        self.augmentations(resized)
-        tensor = torch.as_tensor(resized.image.astype("float32").transpose(2, 0, 1))
-        with torch.no_grad():
-            return self.model([{"image": tensor, "height": height, "width": width}])[0]
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
@@ -208,10 +133,6 @@ def dataset_records(name: str, num_images: int) -> list[dict]:
     return DatasetCatalog.get(name)[:num_images]
 
 
-def _names(value) -> list[str]:
-    return [value] if isinstance(value, str) else list(value or [])
-
-
 class _StderrHandler(logging.StreamHandler):
     """A handler on whatever ``sys.stderr`` is when a line is logged (not when it was made)."""
 
@@ -237,30 +158,15 @@ def _log_to_stderr() -> None:
         log.propagate = False
 
 
-def load_predictor(args: argparse.Namespace):
-    """``(predictor, dataset names of the config: test first)`` for a YAML or LazyConfig
-    (``.py``) ``--config-file`` with ``--opts`` applied."""
-    _log_to_stderr()
-    if args.config_file.endswith(".py"):
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-        validate_lazy_config(cfg)
-        names = [*_names(cfg.dataloader.test.dataset.get("names")),
-                 *_names(cfg.dataloader.train.dataset.get("names"))]
-        return LazyPredictor(cfg, fuse=args.fuse), names
-    cfg = get_mabn_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    mabn_setup(cfg, log_to_output_dir=False)  # a prediction writes nothing into a training run
-    names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
-    return build_predictor(cfg, fuse=args.fuse), names
-
-
 def run(args: argparse.Namespace) -> dict[str, list[Detection]]:
     """Predict every input; returns ``{image path: detections}`` (what it prints)."""
     if bool(args.input) == bool(args.dataset):
         raise SystemExit("predict: give either --input images or --dataset NAME")
-    predictor, names = load_predictor(args)  # registers the config's own datasets too
+    _log_to_stderr()
+    try:
+        predictor, names = load_predictor(args.config_file, args.opts, fuse=args.fuse)
+    except MissingWeightsError as error:
+        raise SystemExit(f"predict: {error}") from None
     if args.dataset:
         records = dataset_records(args.dataset, args.num_images)
         items = [(Path(r["file_name"]), r) for r in records]

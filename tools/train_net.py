@@ -28,7 +28,11 @@ from detectron2.engine import default_argument_parser
 
 import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
 from mabn_d2.engine import MABNTrainer, setup_from_args
-from mabn_d2.engine.atomic_checkpointer import AtomicCheckpointer
+from mabn_d2.engine.atomic_checkpointer import (
+    AtomicCheckpointer,
+    MissingWeightsError,
+    load_eval_weights,
+)
 from mabn_d2.engine.launch import launch  # detectron2's launch; gloo processes without CUDA
 from mabn_d2.engine.output_lock import OutputDirBusyError
 
@@ -41,12 +45,12 @@ def main(args: argparse.Namespace):
     if args.eval_only:
         model = MABNTrainer.build_model(cfg)
         checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-        if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
-            raise SystemExit(
-                "--eval-only needs weights: MODEL.WEIGHTS path/to/model.pth, or --resume with "
-                f"a last_checkpoint in OUTPUT_DIR ({cfg.OUTPUT_DIR})"
-            )
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        try:
+            load_eval_weights(checkpointer, cfg.MODEL.WEIGHTS, args.resume,
+                              weights_example="MODEL.WEIGHTS path/to/model.pth",
+                              output_key="OUTPUT_DIR")
+        except MissingWeightsError as error:
+            raise SystemExit(str(error)) from None
         return MABNTrainer.test(cfg, model)
 
     trainer = MABNTrainer(cfg)

@@ -32,11 +32,16 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from ..file_io import atomic_write, is_temporary_file
 
-__all__ = ["AtomicCheckpointer", "NoReadableCheckpointError"]
+__all__ = ["AtomicCheckpointer", "MissingWeightsError", "NoReadableCheckpointError",
+           "load_eval_weights"]
 
 logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last_checkpoint"  # fvcore's tag file
+
+
+class MissingWeightsError(ValueError):
+    """An evaluation or prediction was asked for without weights to load."""
 
 
 class NoReadableCheckpointError(RuntimeError):
@@ -156,3 +161,22 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def _load_file(self, filename: str) -> dict[str, Any]:
         read = self._read_ahead.pop(filename, None)
         return read if read is not None else super()._load_file(filename)
+
+
+def load_eval_weights(checkpointer: AtomicCheckpointer, weights: str, resume: bool, *,
+                      weights_example: str, output_key: str) -> None:
+    """``--eval-only``'s load in both training tools: ``weights`` or, with ``resume``, the last
+    checkpoint of the checkpointer's folder.
+
+    Args:
+        weights_example: how the user gives weights (``"MODEL.WEIGHTS path/to/model.pth"``).
+        output_key: the config key of the checkpointer's folder (``"OUTPUT_DIR"``).
+
+    Raises:
+        MissingWeightsError: neither is there (an evaluation of random weights means nothing).
+    """
+    if not weights and not (resume and checkpointer.has_checkpoint()):
+        raise MissingWeightsError(
+            f"--eval-only needs weights: {weights_example}, or --resume with a last_checkpoint "
+            f"in {output_key} ({checkpointer.save_dir})")
+    checkpointer.resume_or_load(weights, resume=resume)

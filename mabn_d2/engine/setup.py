@@ -22,6 +22,7 @@ from .output_lock import hold_output_dir
 
 __all__ = [
     "get_mabn_cfg",
+    "load_mabn_cfg",
     "mabn_setup",
     "setup_from_args",
     "describe_mabn_model",
@@ -41,12 +42,22 @@ def get_mabn_cfg() -> CfgNode:
     return cfg
 
 
+def load_mabn_cfg(config_file: str, opts: list[str]) -> CfgNode:
+    """The frozen cfg of a job: :func:`get_mabn_cfg` + the YAML ``config_file`` + the
+    command-line overrides ``opts`` (``KEY VALUE`` pairs)."""
+    cfg = get_mabn_cfg()
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    cfg.freeze()
+    return cfg
+
+
 def mabn_setup(cfg: CfgNode, *, log_to_output_dir: bool = True) -> None:
     """mabn_d2's part of a job's set-up, after detectron2's ``default_setup``.
 
     Sets up the ``mabn_d2`` logger (same files as detectron2's; with
     ``log_to_output_dir=False`` the caller has set up logging itself and nothing is written
-    under ``OUTPUT_DIR``, e.g. ``tools/predict.py``), validates ``MODEL.MABN``,
+    under ``OUTPUT_DIR``, e.g. :mod:`mabn_d2.engine.predictor`), validates ``MODEL.MABN``,
     checks the device, registers the user's COCO datasets, and logs that ``"MABN"`` is a
     detectron2 norm and with which settings the model will be built.
 
@@ -97,10 +108,7 @@ def setup_from_args(args: argparse.Namespace) -> CfgNode:
     Raises:
         OutputDirBusyError: another live run writes into ``OUTPUT_DIR``.
     """
-    cfg = get_mabn_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_mabn_cfg(args.config_file, args.opts)
     if comm.is_main_process() and cfg.OUTPUT_DIR:
         hold_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)

@@ -254,7 +254,8 @@ BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked
 MOVING_AVERAGE_KEYS = ("chi2_buffer", "psi_buffer", "num_batches_tracked")
 
 
-def _group_by_module(keys: Iterable[str]) -> dict[str, set[str]]:
+def group_by_module(keys: Iterable[str]) -> dict[str, set[str]]:
+    """``{module prefix: {leaf names}}`` of state-dict keys (``"a.b.weight"`` -> ``"a.b"``)."""
     groups: dict[str, set[str]] = {}
     for key in keys:
         module, _, leaf = key.rpartition(".")
@@ -299,7 +300,7 @@ def convert_bn_state_dict(
     if buffer_size is not None:
         buffer_size = check_setting("buffer_size", buffer_size)
     affine = set(affine_modules)
-    groups = _group_by_module(state_dict)
+    groups = group_by_module(state_dict)
     converted: dict[str, Tensor] = {}
     sources: dict[str, str] = {}
     folded_modules = {m for m, leaves in groups.items()

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-import demo_report  # tools/ (pytest's pythonpath)
-from helpers import REPO
+from helpers import REPO, import_script
+
+demo_report = import_script("dev/demo_report.py")
 
 EXPECTED = {"threads": 1, "machine": "a test CPU", "stack": "a test stack",
             "runs": [{"seed": s, "box_AP": ap, "mask_AP": ap - 5, "seconds": 300 + 10 * s}

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import gpu_check
-import gpu_wheelhouse
+from helpers import import_script
+
+gpu_check = import_script("dev/gpu_check.py")
+gpu_wheelhouse = import_script("dev/gpu_wheelhouse.py")
+
 
 
 def make_wheel(folder: Path, name: str, version: str = "1.0", requires: tuple[str, ...] = (),

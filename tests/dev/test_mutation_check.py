@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from mutation_check import Mutation, MutationListError, check_anchors, load_mutations
+from helpers import import_script
+
+mutation_check = import_script("dev/mutation_check.py")
+Mutation, MutationListError = mutation_check.Mutation, mutation_check.MutationListError
+check_anchors, load_mutations = mutation_check.check_anchors, mutation_check.load_mutations
+
 
 ENTRY = """
 [[mutation]]

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, TINY_LAZY
+from helpers import REPO, TINY_LAZY, import_script
 
 TOOL = REPO / "tools" / "lazyconfig_train_net.py"
 SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -126,7 +126,7 @@ def test_train_evaluate_resume_and_eval_only(coco_mini, tmp_path):
 def test_bad_mabn_value_fails_before_the_set_up_naming_the_key(tmp_path):
     from detectron2.engine import default_argument_parser
 
-    import lazyconfig_train_net as tool  # tools/ is on the tests' path (pyproject.toml)
+    tool = import_script("tools/lazyconfig_train_net.py")
 
     args = default_argument_parser().parse_args(
         ["--config-file", str(TINY_LAZY), f"train.output_dir={tmp_path}", "mabn.buffer_size=0"])

@@ -20,8 +20,9 @@ from mabn_d2.engine.atomic_checkpointer import AtomicCheckpointer, NoReadableChe
 from mabn_d2.file_io import atomic_write
 from mabn_d2.finetune.convert import fold_bn
 
-import convert_checkpoint
-from helpers import run_tool, small_backbone_cfg
+from helpers import import_script, run_tool, small_backbone_cfg
+
+convert_checkpoint = import_script("tools/convert_checkpoint.py")
 
 
 class Unpicklable:

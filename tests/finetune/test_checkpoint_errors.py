@@ -16,14 +16,17 @@ import mabn_d2
 from mabn_d2 import MABN2d, MABNCheckpointError
 from mabn_d2.finetune.convert import SOURCE_MABN
 
-from finetune_start_study import c2_name
-from helpers import run_tool, small_backbone_cfg
+from helpers import import_script, run_tool, small_backbone_cfg
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def backbone(norm: str = "MABN", **mabn):
     """A ResNet-18 backbone (detectron2), 4 stages, with ``norm``."""
     torch.manual_seed(0)
     return build_backbone(small_backbone_cfg(norm, **mabn))
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def trained(model, steps: int = 2):
@@ -32,6 +35,8 @@ def trained(model, steps: int = 2):
         sum(f.mean() for f in model(torch.randn(2, 3, 32, 32)).values()).backward()
     return model
 
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
+
 
 def save(model_or_state, path) -> str:
     state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") \
@@ -39,11 +44,15 @@ def save(model_or_state, path) -> str:
     torch.save({"model": state}, path)
     return str(path)
 
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
+
 
 def load(model, path):
     checkpointer = DetectionCheckpointer(model)
     checkpointer.load(str(path))
     return checkpointer
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def test_other_buffer_size_is_an_actionable_error(tmp_path):
@@ -53,6 +62,8 @@ def test_other_buffer_size_is_an_actionable_error(tmp_path):
     message = str(info.value)
     assert "stem.conv1.norm.chi2_buffer: shape (8, 64) in the checkpoint, (16, 64)" in message
     assert "MODEL.MABN.BUFFER_SIZE 8" in message and "--reset-moving-averages" in message
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def test_reset_moving_averages_makes_it_load_and_says_so(tmp_path, caplog):
@@ -74,6 +85,8 @@ def test_reset_moving_averages_makes_it_load_and_says_so(tmp_path, caplog):
             assert torch.equal(layer.weight, src.weight)
             assert layer.iteration == 0 and not layer.chi2_buffer.any()
 
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
+
 
 def test_resume_loads_every_mabn_entry(tmp_path):
     source = trained(backbone(BUFFER_SIZE=4), steps=3)
@@ -83,6 +96,8 @@ def test_resume_loads_every_mabn_entry(tmp_path):
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     assert all(m.iteration == 3 for m in model.modules() if isinstance(m, MABN2d))
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def state_of(model) -> dict[str, torch.Tensor]:
@@ -114,11 +129,15 @@ def test_mabn_checkpoint_mismatches_are_errors(tmp_path, case, expected):
     with pytest.raises(MABNCheckpointError, match=re.escape(expected)):
         load(backbone(), save(state, tmp_path / "bad.pth"))
 
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
+
 
 def test_group_norm_weights_cannot_become_mabn(tmp_path):
     path = save(backbone("GN"), tmp_path / "gn.pth")
     with pytest.raises(MABNCheckpointError, match="GroupNorm/LayerNorm"):
         load(backbone(), path)
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def test_statistics_that_match_no_layer_are_an_error(tmp_path):
@@ -126,6 +145,8 @@ def test_statistics_that_match_no_layer_are_an_error(tmp_path):
     state = {f"body.{k}": v for k, v in backbone("BN").state_dict().items()}
     with pytest.raises(MABNCheckpointError, match="match no normalization layer"):
         load(backbone(), save(state, tmp_path / "renamed.pth"))
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def test_caffe2_blob_of_the_wrong_shape_is_an_error(tmp_path):
@@ -139,6 +160,8 @@ def test_caffe2_blob_of_the_wrong_shape_is_an_error(tmp_path):
                        match=re.escape("res3.0.conv1.norm.weight: shape (100,) in the checkpoint")):
         load(backbone(), tmp_path / "R-18.pkl")
 
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
+
 
 def test_models_without_mabn_load_as_detectron2_does(tmp_path, caplog):
     state = state_of(backbone("BN"))
@@ -148,6 +171,8 @@ def test_models_without_mabn_load_as_detectron2_does(tmp_path, caplog):
         checkpointer = load(model, save(state, tmp_path / "bn.pth"))
     assert "Skip loading parameter 'res2.0.conv1.norm.running_mean'" in caplog.text
     assert not hasattr(checkpointer, "mabn_load_report")
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def test_checkpointer_patch_is_idempotent():

@@ -23,8 +23,9 @@ from mabn_d2.finetune.convert import (
     fold_bn,
 )
 
-from finetune_start_study import c2_name
-from helpers import relative_error, run_tool, small_backbone_cfg
+from helpers import import_script, relative_error, run_tool, small_backbone_cfg
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -40,6 +41,8 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
                     m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
     return model
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def test_fold_is_the_specified_formula():
@@ -58,6 +61,8 @@ def test_fold_is_the_specified_formula():
     assert not affine.has_statistics
     with pytest.raises(ValueError, match=r"running_mean must have shape \(6,\)"):
         fold_bn(6, running_mean=torch.zeros(5), running_var=torch.ones(6))
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def test_torchvision_resnet18_converts_exactly_and_trains():
@@ -110,6 +115,8 @@ def test_other_bn_types_convert_exactly(kind):
     with torch.no_grad():
         assert relative_error(converted(x), model(x)) < 1e-5
 
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
+
 
 def test_a_bn_module_itself_is_replaced_and_untracked_bn_keeps_gamma_beta():
     bn = randomize_bn(nn.BatchNorm2d(4)).train()
@@ -135,11 +142,15 @@ def test_identity_statistics_count_as_no_statistics(mean, var, source):
     mabn = convert_bn_to_mabn(nn.Sequential(frozen))[0]
     assert mabn.converted_from == source
 
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
+
 
 def outputs(model, x):
     model.eval()
     with torch.no_grad():
         return model(x)
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def test_norm_less_convs_load_as_identity_mabn(tmp_path):
@@ -160,6 +171,8 @@ def test_norm_less_convs_load_as_identity_mabn(tmp_path):
     for key, ref in outputs(plain, x).items():
         assert relative_error(outputs(mabn, x)[key], ref) < 1e-5, key
 
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
+
 
 def torchvision_to_detectron2(state: dict) -> dict:
     """detectron2's tools/convert-torchvision-to-d2.py renaming (numpy values)."""
@@ -173,6 +186,8 @@ def torchvision_to_detectron2(state: dict) -> dict:
         new = new.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
         renamed[new] = value.detach().numpy()
     return renamed
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def test_torchvision_checkpoint_converted_the_detectron2_way(tmp_path):
@@ -194,6 +209,8 @@ def test_torchvision_checkpoint_converted_the_detectron2_way(tmp_path):
     for key, value in outputs(mabn, x).items():
         assert relative_error(value, expected[key]) < 1e-5, key
 
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
+
 
 def test_conv_bias_before_bn_folds_into_mabn(tmp_path):
     torch.manual_seed(0)
@@ -207,6 +224,8 @@ def test_conv_bias_before_bn_folds_into_mabn(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     assert relative_error(outputs(target, x), outputs(source, x)) < 1e-5
 
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
+
 
 def _fpn_cfg(fpn_norm: str, **mabn):
     cfg = small_backbone_cfg("BN", **mabn)
@@ -214,6 +233,8 @@ def _fpn_cfg(fpn_norm: str, **mabn):
                          fpn_norm, "MODEL.FPN.OUT_CHANNELS", "32",
                          "MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']"])
     return cfg
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def test_tool_converts_a_plain_pytorch_state_dict(tmp_path):
@@ -228,6 +249,8 @@ def test_tool_converts_a_plain_pytorch_state_dict(tmp_path):
     target.load_state_dict(torch.load(tmp_path / "r18_mabn.pth")["model"])  # strict
     x = torch.randn(2, 3, 48, 48)
     assert relative_error(outputs(target, x), outputs(model, x)) < 1e-5
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def test_tool_converts_a_caffe2_pkl_and_the_result_loads_into_mabn(tmp_path):
@@ -259,11 +282,15 @@ def test_tool_converts_a_caffe2_pkl_and_the_result_loads_into_mabn(tmp_path):
         # affine is divided by sqrt(1 + eps) (5e-6 per layer).
         assert relative_error(outputs(mabn, x)[key], ref) < 1e-4, key
 
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
+
 
 def test_tool_rejects_a_non_pth_output(tmp_path):
     torch.save({"a.weight": torch.ones(1)}, tmp_path / "x.pth")
     code, output = run_tool(str(tmp_path / "x.pth"), str(tmp_path / "y.pkl"))
     assert code == 1 and "must be a .pth" in output
+
+c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 
 
 def test_tool_folds_affine_only_norms_on_request(tmp_path):

@@ -20,14 +20,13 @@ from mabn_d2.engine import MABNTrainer
 from mabn_d2.engine.hooks import MABNCalibrationHook, MABNPreciseBN
 from mabn_d2.finetune.convert import SOURCE_AFFINE, SOURCE_BN, SOURCE_NEW
 
-from finetune_start_study import (
-    coco_batches,
-    small_rcnn_cfg,
-    total_loss,
-    train_steps,
-    write_c2_resnet_pkl,
-)
-from helpers import relative_error, require_coco_mini, set_bn_statistics
+from helpers import import_script, relative_error, require_coco_mini, set_bn_statistics
+
+# The study's model, data and training steps: the test measures what the study reports.
+study = import_script("studies/finetune_start_study.py")
+coco_batches, small_rcnn_cfg = study.coco_batches, study.small_rcnn_cfg
+total_loss, train_steps = study.total_loss, study.train_steps
+write_c2_resnet_pkl = study.write_c2_resnet_pkl
 
 # ResNet-18 (stem 1 + 8 blocks x 2 + 3 shortcuts), FPN (4 + 4), box head 2 convs, mask head 2.
 N_BACKBONE_NORMS, N_NORMS = 20, 20 + 8 + 2 + 2

@@ -19,8 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-import install_detectron2 as installer  # tools/ (pytest's pythonpath)
-from helpers import REPO
+from helpers import REPO, import_script
+
+installer = import_script("tools/install_detectron2.py")
 
 D2_ROOT = Path(detectron2.__file__).resolve().parents[1]
 # The pure-Python fallback install has the stand-in detectron2/_C.py.

@@ -30,7 +30,7 @@ from mabn_d2.kernels import plain
 from mabn_d2.kernels.selfcheck import KERNEL_NAMES, TOLERANCES, kernel_outputs
 from mabn_d2.layer import MABNStep, mabn_train
 
-from helpers import CONFIGS, SmallNet, relative_error, small_backbone_cfg
+from helpers import CONFIGS, SmallNet, import_script, relative_error, small_backbone_cfg
 
 # A schedule that passes through every phase in SCHEDULE_STEPS steps: batch statistics
 # (t < 10), moving averages (10 <= t <= 20), renorm (t > 20), with a clip that binds.
@@ -515,7 +515,7 @@ def check_mask_rcnn_with_mabn_everywhere(device: str, out_dir: Path, image_size:
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    from benchmark import synthetic_batch  # tools/ is on the tests' path
+    synthetic_batch = import_script("studies/benchmark.py").synthetic_batch
 
     device = torch.device(device)
     cfg = mabn_d2.add_mabn_config(get_cfg())

@@ -7,7 +7,10 @@ import json
 import pytest
 import torch
 
-import benchmark  # tools/ is on the tests' path (pyproject.toml)
+from helpers import import_script
+
+benchmark = import_script("studies/benchmark.py")
+
 
 
 def test_layer_benchmark_writes_ratios_and_first_calls(tmp_path):

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import detection_comparison as driver  # tools/ is on the tests' path (pyproject.toml)
+from helpers import import_script
+
+driver = import_script("studies/detection_comparison.py")
+
 
 
 def test_commands_override_norm_schedule_seed_and_centralization(tmp_path):

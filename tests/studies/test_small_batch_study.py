@@ -12,7 +12,10 @@ from torch import nn
 
 from mabn_d2 import MABN2d
 
-import small_batch_study as study  # tools/ is on the tests' path (pyproject.toml)
+from helpers import import_script
+
+study = import_script("studies/small_batch_study.py")
+
 
 DIMS = (0, 2, 3)
 

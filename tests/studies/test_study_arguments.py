@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-import benchmark
-import finetune_start_study
-import small_batch_study
+from helpers import import_script
+
+benchmark = import_script("studies/benchmark.py")
+finetune_start_study = import_script("studies/finetune_start_study.py")
+small_batch_study = import_script("studies/small_batch_study.py")
+
 
 
 @pytest.mark.parametrize("main, args, message", [

@@ -21,9 +21,10 @@ from PIL import Image
 
 from mabn_d2.engine import get_mabn_cfg
 
-import plot_training_curves
-import predict
-from helpers import CONFIGS, REPO, TINY
+from helpers import CONFIGS, REPO, TINY, import_script
+
+plot_training_curves = import_script("tools/plot_training_curves.py")
+predict = import_script("tools/predict.py")
 
 # Two coco_mini val images of different sizes (640x427 and 333x500).
 IMAGES = ("000000397133.jpg", "000000011813.jpg")
@@ -90,6 +91,7 @@ def own_outputs(weights: Path, image_path: Path, threshold: float):
     return keep.scores[order].tolist(), keep.pred_boxes.tensor[order].tolist()
 
 
+@pytest.mark.e2e  # tiny_weights: a training run of tools/train_net.py
 def test_pictures_have_the_inputs_size_and_printed_detections_are_the_models(
         tiny_weights, tmp_path, capsys):
     images = val_images()
@@ -113,6 +115,7 @@ def test_pictures_have_the_inputs_size_and_printed_detections_are_the_models(
             assert box == pytest.approx(want_box, abs=1e-2)
 
 
+@pytest.mark.e2e  # tiny_weights: a training run of tools/train_net.py
 def test_without_output_it_prints_the_same_detections_and_fused_agrees(tiny_weights, capsys,
                                                                         tmp_path):
     image = str(val_images()[0])
@@ -133,6 +136,7 @@ def test_without_output_it_prints_the_same_detections_and_fused_agrees(tiny_weig
         assert s1 == pytest.approx(s2, abs=1e-3) and b1 == pytest.approx(b2, abs=0.1)
 
 
+@pytest.mark.e2e  # tiny_weights: a training run of tools/train_net.py
 def test_a_lazyconfig_predicts_what_the_yaml_config_does(tiny_weights, capsys):
     """The LazyConfig twin of the tiny config (same model; 10 detections per image, not 20)
     with the YAML-trained weights: the same best detections."""
@@ -151,6 +155,7 @@ def test_a_lazyconfig_predicts_what_the_yaml_config_does(tiny_weights, capsys):
         assert l1 == l2 and s1 == pytest.approx(s2, abs=1e-4) and b1 == pytest.approx(b2, abs=1e-2)
 
 
+@pytest.mark.e2e  # tiny_weights: a training run of tools/train_net.py
 def test_dataset_mode_draws_ground_truth_beside_predictions(tiny_weights, tmp_path):
     out = tmp_path / "gt"
     assert predict.main(["--config-file", str(TINY), "--dataset", "coco_2017_val",
@@ -164,6 +169,7 @@ def test_dataset_mode_draws_ground_truth_beside_predictions(tiny_weights, tmp_pa
         assert (width, height) == (2 * source.size[0], source.size[1])
 
 
+@pytest.mark.e2e  # tiny_weights: a training run of tools/train_net.py
 def test_missing_unreadable_image_and_mismatched_weights_fail_naming_them(tiny_weights,
                                                                           tmp_path, capsys):
     base = ["--config-file", str(TINY), "--opts", "MODEL.WEIGHTS", str(tiny_weights)]
