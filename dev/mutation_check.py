@@ -15,6 +15,7 @@ cores); run it after changing the package or the tests, e.g.::
     python dev/mutation_check.py --list
     python dev/mutation_check.py                      # every mutation
     python dev/mutation_check.py --only py-no-finite-guard --only cpp-axpby-sign
+    python dev/mutation_check.py --fast                 # with the fast tier's tests only
     nohup python dev/mutation_check.py --json output/mutations.json > mutations.log &
 
 A snippet that is not in its file exactly once stops the check before anything runs, naming
@@ -136,12 +137,17 @@ def test_environment(copy: Path, extensions: Path) -> dict[str, str]:
     return env
 
 
-def run_tests(tests: tuple[str, ...], copy: Path, env: dict[str, str], timeout: float
-              ) -> tuple[str, str]:
-    """``(outcome, detail)`` of ``pytest -x`` on ``tests`` in ``copy``: "passed", "failed",
-    "timeout" or "error" (pytest could not run them: collection or usage errors)."""
+# pytest's selection of the fast tier (make test-fast): no end-to-end test, no CUDA tier.
+FAST_TIER = "not e2e and not cuda"
+
+
+def run_tests(tests: tuple[str, ...], copy: Path, env: dict[str, str], timeout: float,
+              marker: str | None = None) -> tuple[str, str]:
+    """``(outcome, detail)`` of ``pytest -x`` on ``tests`` in ``copy`` (only those ``marker``
+    selects, if given): "passed", "failed", "timeout", "untested" (the selection left no test)
+    or "error" (pytest could not run them: collection or usage errors)."""
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf",
-               *tests]
+               *(["-m", marker] if marker else []), *tests]
     try:
         proc = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True,
                               timeout=timeout)
@@ -153,19 +159,24 @@ def run_tests(tests: tuple[str, ...], copy: Path, env: dict[str, str], timeout: 
     if proc.returncode == 1:
         failed = [line for line in output.splitlines() if line.startswith("FAILED ")]
         return "failed", failed[0][len("FAILED "):] if failed else "tests failed"
+    if proc.returncode == 5:
+        return "untested", f"no test selected ({marker})"
     return "error", f"pytest exit status {proc.returncode}: " + output[-2000:]
 
 
 def check(mutations: list[Mutation], timeout: float, baseline: bool,
-          report=print) -> list[Result]:
-    """Runs the check in a temporary copy; ``report`` receives one line per event."""
+          report=print, marker: str | None = None) -> list[Result]:
+    """Runs the check in a temporary copy; ``report`` receives one line per event. With
+    ``marker``, each mutation's tests are only those the marker expression selects (a
+    mutation left without a test is "untested": not caught)."""
     with tempfile.TemporaryDirectory(prefix="mabn_d2_mutations_") as tmp:
         copy = copy_repository(Path(tmp) / "repo")
         env = test_environment(copy, Path(tmp) / "torch_extensions")
         if baseline:
             every_test = tuple(dict.fromkeys(t for m in mutations for t in m.tests))
             start = time.monotonic()
-            outcome, detail = run_tests(every_test, copy, env, timeout * len(every_test))
+            outcome, detail = run_tests(every_test, copy, env, timeout * len(every_test),
+                                        marker)
             report(f"baseline (unmutated): {outcome} in {time.monotonic() - start:.0f} s; "
                    f"{detail}")
             if outcome != "passed":
@@ -177,7 +188,7 @@ def check(mutations: list[Mutation], timeout: float, baseline: bool,
             path.write_text(original.replace(m.find, m.replace, 1))
             start = time.monotonic()
             try:
-                outcome, detail = run_tests(m.tests, copy, env, timeout)
+                outcome, detail = run_tests(m.tests, copy, env, timeout, marker)
             finally:
                 path.write_text(original)
             outcome = {"failed": "caught", "passed": "survived"}.get(outcome, outcome)
@@ -190,10 +201,11 @@ def check(mutations: list[Mutation], timeout: float, baseline: bool,
 
 def summary(results: list[Result]) -> str:
     counts = {o: sum(r.outcome == o for r in results) for o in
-              ("caught", "timeout", "survived", "error")}
+              ("caught", "timeout", "survived", "untested", "error")}
     line = (f"{len(results)} mutations: {counts['caught']} caught, {counts['timeout']} timed "
-            f"out, {counts['survived']} survived, {counts['error']} could not run")
-    survivors = [r.id for r in results if r.outcome in ("survived", "error")]
+            f"out, {counts['survived']} survived, {counts['untested']} without a selected "
+            f"test, {counts['error']} could not run")
+    survivors = [r.id for r in results if r.outcome in ("survived", "untested", "error")]
     return line + (f"\nnot caught: {', '.join(survivors)}" if survivors else "")
 
 
@@ -208,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the run of the unmutated tests")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--fast", action="store_true",
+                        help=f"run only each mutation's tests of the fast tier (pytest -m "
+                             f"'{FAST_TIER}', what make test-fast runs)")
     args = parser.parse_args(argv)
     try:
         mutations = load_mutations()
@@ -227,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(mutations)} mutations of {REPO}, tests run with {sys.executable}", flush=True)
     try:
         results = check(mutations, args.timeout, not args.no_baseline,
-                        report=lambda line: print(line, flush=True))
+                        report=lambda line: print(line, flush=True),
+                        marker=FAST_TIER if args.fast else None)
     except RuntimeError as e:
         print(f"mutation_check: {e}", file=sys.stderr)
         return 3

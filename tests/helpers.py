@@ -137,6 +137,22 @@ def set_bn_statistics(model: nn.Module, batches: list[list[dict]]) -> None:
         bn.momentum = 0.1
 
 
+def mabn_state(checkpoint: Path, prefix: str = "backbone.bottom_up."
+               ) -> dict[str, dict[str, torch.Tensor]]:
+    """``{layer: {buffer: tensor}}`` of the MABN layers under ``prefix`` in a checkpoint (by
+    default the backbone's, which see every training step; RoI-head norms skip steps without
+    RoIs)."""
+    model = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in model.items():
+        layer, _, buffer = key.rpartition(".")
+        if key.startswith(prefix) and buffer in (
+            "running_second_moment", "chi2_buffer", "psi_buffer", "num_batches_tracked"
+        ):
+            layers.setdefault(layer, {})[buffer] = value
+    return layers
+
+
 def run_tool(*args: str) -> tuple[int, str]:
     """``tools/convert_checkpoint.py ARGS`` in this process: (exit code, stdout + stderr)."""
     tool = import_script("tools/convert_checkpoint.py")

@@ -22,9 +22,10 @@ from detectron2.engine import HookBase
 from torch import nn
 
 from ..finetune.calibration import (
-    CALIBRATION_MODES,
+    PRECISE_BN_NUM_ITER,
     calibrate_mabn,
     calibrate_mabn_backward,
+    check_calibration_mode,
     layers_to_calibrate,
     mabn_layers,
     precise_mabn_stats,
@@ -55,9 +56,7 @@ class MABNCalibrationHook(HookBase):
             backward: also fill ``psi_buffer`` (:func:`mabn_d2.calibrate_mabn_backward`,
                 ``MODEL.MABN.CALIBRATION.BACKWARD``).
         """
-        if mode not in CALIBRATION_MODES:
-            raise ValueError(f"MABNCalibrationHook: mode must be one of {CALIBRATION_MODES}, "
-                             f"got {mode!r}")
+        check_calibration_mode(mode, "MABNCalibrationHook: mode")
         self._model = model
         self._data = data_loader
         self._num_batches = num_batches
@@ -129,7 +128,7 @@ def mabn_hooks(
     build_loader: Callable[[], Iterable[Any]],
     calibration: CalibrationSettings,
     precise_bn_period: int | None = None,
-    precise_bn_num_iter: int = 200,
+    precise_bn_num_iter: int = PRECISE_BN_NUM_ITER,
 ) -> list[HookBase]:
     """The hooks a trainer of an MABN model adds, whatever its config system: calibration
     before training and, with ``precise_bn_period`` not None, MABN PreciseBN every

@@ -27,7 +27,7 @@ import argparse
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from detectron2.config import instantiate
@@ -47,8 +47,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..data.user_coco import check_dataset_classes
+from ..finetune.calibration import PRECISE_BN_NUM_ITER
 from ..integration.lazy_config import calibration_from_lazy, target_of, validate_lazy_config
 from ..integration.norm import name_mabn_layers
+from ..layer.settings import check_known_names
 from .evaluation import coco_evaluator, report_eval_results
 from .hooks import mabn_hooks
 from .output_lock import hold_output_dir
@@ -77,7 +79,7 @@ class PreciseBNSettings:
     and after the last iteration (YAML's ``TEST.PRECISE_BN``)."""
 
     enabled: bool = False
-    num_iter: int = 200
+    num_iter: int = PRECISE_BN_NUM_ITER
 
 
 def precise_bn_from_lazy(cfg: DictConfig) -> PreciseBNSettings:
@@ -85,9 +87,11 @@ def precise_bn_from_lazy(cfg: DictConfig) -> PreciseBNSettings:
     node = OmegaConf.select(cfg, _PRECISE_BN_NODE)
     if node is None:
         return PreciseBNSettings()
-    if not isinstance(node, DictConfig) or set(node.keys()) - {"enabled", "num_iter"}:
-        raise ValueError(f"{_PRECISE_BN_NODE} must be dict(enabled=..., num_iter=...), got "
-                         f"{node!r}")
+    form = f"{_PRECISE_BN_NODE} must be dict(enabled=..., num_iter=...)"
+    if not isinstance(node, DictConfig):
+        raise ValueError(f"{form}, got {node!r}")
+    check_known_names(node.keys(), [f.name for f in fields(PreciseBNSettings)],
+                      lambda name: f"{_PRECISE_BN_NODE}.{name}", "keys", context=f"{form}: ")
     enabled = node.get("enabled", PreciseBNSettings.enabled)
     num_iter = node.get("num_iter", PreciseBNSettings.num_iter)
     if not isinstance(enabled, bool):

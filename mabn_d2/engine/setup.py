@@ -13,11 +13,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
-from .. import __version__
 from ..data import add_dataset_config, register_coco_from_cfg
 from ..integration.config import add_mabn_config, settings_from_cfg
 from ..integration.conv import CentralizedConv2d
 from ..layer import MABN2d
+from ..version import __version__
 from .output_lock import hold_output_dir
 
 __all__ = [

@@ -61,6 +61,8 @@ from .convert import NO_STATISTICS, SOURCE_BN
 
 __all__ = [
     "CALIBRATION_MODES",
+    "PRECISE_BN_NUM_ITER",
+    "check_calibration_mode",
     "CalibrationReport",
     "calibrate_mabn",
     "calibrate_mabn_backward",
@@ -74,6 +76,15 @@ logger = logging.getLogger(__name__)
 
 # Which layers a calibration measures (MODEL.MABN.CALIBRATION.MODE): see layers_to_calibrate.
 CALIBRATION_MODES = ("auto", "always", "never")
+# Batches of MABN's PreciseBN when the config does not say: detectron2's TEST.PRECISE_BN.NUM_ITER.
+PRECISE_BN_NUM_ITER = 200
+
+
+def check_calibration_mode(mode: object, key: str = "calibration mode") -> str:
+    """``mode`` if it is one of :data:`CALIBRATION_MODES`; else ValueError naming ``key``."""
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(f"{key} must be one of {CALIBRATION_MODES}, got {mode!r}")
+    return mode
 
 
 def mabn_layers(model: nn.Module) -> dict[str, MABN2d]:
@@ -96,8 +107,7 @@ def layers_to_calibrate(model: nn.Module, mode: str = "auto") -> dict[str, MABN2
     * ``"always"``: the candidates (every layer without a recorded source included).
     * ``"never"``: none.
     """
-    if mode not in CALIBRATION_MODES:
-        raise ValueError(f"calibration mode must be one of {CALIBRATION_MODES}, got {mode!r}")
+    check_calibration_mode(mode)
     layers = mabn_layers(model)
     sources = {name: layer.converted_from for name, layer in layers.items()}
     converted = (SOURCE_BN, *NO_STATISTICS)
@@ -414,7 +424,7 @@ def calibrate_mabn_backward(
 def precise_mabn_stats(
     model: nn.Module,
     data: Iterable[Any],
-    num_batches: int = 200,
+    num_batches: int = PRECISE_BN_NUM_ITER,
     layers: Sequence[str] | dict[str, MABN2d] | None = None,
 ) -> CalibrationReport:
     """MABN's PreciseBN: recompute ``running_second_moment`` of every MABN layer as the

@@ -13,8 +13,8 @@ from typing import Any
 
 from detectron2.config import CfgNode as CN
 
-from ..finetune.calibration import CALIBRATION_MODES
-from ..layer.settings import SETTINGS, MABNSettings
+from ..finetune.calibration import check_calibration_mode
+from ..layer.settings import SETTINGS, MABNSettings, check_known_names
 from .batch_stats import add_batch_stats_config
 
 __all__ = [
@@ -49,10 +49,12 @@ def add_mabn_config(cfg: CN) -> CN:
 
     Keys already present are kept, so calling it twice does not undo a merge.
 
-    * ``EPS``, ``MOMENTUM``, ``BUFFER_SIZE``, ``WARMUP_ITERS``, ``RENORM_START_ITER``,
-      ``RENORM_CLIP``, ``BACKWARD_MOVING_AVERAGE``, ``CENTRALIZE_WEIGHTS``, ``SYNC``: the
-      :class:`~mabn_d2.MABN2d` settings (meaning, default and range:
-      :data:`mabn_d2.layer.settings.SETTINGS`).
+    The :class:`~mabn_d2.MABN2d` settings (from :data:`mabn_d2.layer.settings.SETTINGS`):
+
+{settings}
+
+    and what only a YACS-built model has:
+
     * ``CENTRALIZE_EXCLUDE`` ([]): module-name prefixes in the model built by ``build_model``
       (e.g. ``"backbone.bottom_up"``) whose MABN-fed convs keep plain weights: pretrained
       convs keep their function (see docs/finetuning.md).
@@ -83,6 +85,13 @@ def add_mabn_config(cfg: CN) -> CN:
             setattr(node.CALIBRATION, key, value)
     add_batch_stats_config(cfg)
     return cfg
+
+
+# The settings' lines of the docstring come from the table, so that help() cannot go stale
+# (no docstring under python -OO).
+if add_mabn_config.__doc__:
+    add_mabn_config.__doc__ = add_mabn_config.__doc__.format(settings="\n".join(
+        f"    * ``{s.key}`` ({s.default!r}): {s.doc}; {s.expected}." for s in SETTINGS))
 
 
 def _mabn_node(cfg: CN) -> CN | None:
@@ -125,13 +134,8 @@ def calibration_from_mapping(
     Raises:
         ValueError: naming the offending key.
     """
-    unknown = set(values) - set(_CALIBRATION_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown MABN calibration settings {sorted(key(n) for n in unknown)}; "
-                         f"valid: {[key(n) for n in _CALIBRATION_FIELDS]}")
-    mode = values.get("mode", _CALIBRATION_DEFAULTS.mode)
-    if mode not in CALIBRATION_MODES:
-        raise ValueError(f"{key('mode')} must be one of {CALIBRATION_MODES}, got {mode!r}")
+    check_known_names(values, _CALIBRATION_FIELDS, key, "MABN calibration settings")
+    mode = check_calibration_mode(values.get("mode", _CALIBRATION_DEFAULTS.mode), key("mode"))
     num_batches = values.get("num_batches", _CALIBRATION_DEFAULTS.num_batches)
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"{key('num_batches')} must be an integer >= 1, got {num_batches!r}")

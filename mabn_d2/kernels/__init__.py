@@ -68,7 +68,8 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpp", "triton", "plain")
 _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_backend = "auto"
+_ENV = "MABN_D2_KERNELS"
+_backend: str | None = None  # None: MABN_D2_KERNELS's choice, read at first use
 _fused_step = True
 _triton_module: ModuleType | None | bool = None  # None: not tried; False: unavailable
 _triton_check = SelfCheck("Triton")
@@ -90,13 +91,23 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
+    """The chosen kernels: :func:`set_backend`'s, else the environment variable
+    ``MABN_D2_KERNELS`` (read at first use, so that a bad value fails a forward, naming the
+    variable, instead of ``import mabn_d2``), else ``"auto"``."""
+    global _backend
+    if _backend is None:
+        name = os.environ.get(_ENV) or "auto"
+        if name not in BACKENDS:
+            raise ValueError(f"the environment variable {_ENV}={name!r} is not a kernel backend; "
+                             f"valid: {BACKENDS} (or unset it)")
+        _backend = name
     return _backend
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Temporarily choose the kernels (see :func:`set_backend`)."""
-    previous = _backend
+    previous = get_backend()
     set_backend(name)
     try:
         yield
@@ -121,7 +132,7 @@ def fused_step_applies(x: Tensor, *state: Tensor) -> bool:
     tensors (weight, bias, running statistic, buffers): C++ kernels chosen for ``x``, and every
     state tensor a contiguous CPU tensor of ``x``'s statistics dtype (float64 for float64
     inputs, float32 otherwise -- as under autocast)."""
-    if not _fused_step or _backend not in ("auto", "cpp"):
+    if not _fused_step or get_backend() not in ("auto", "cpp"):
         return False
     sdtype = statistics_dtype(x.dtype)
     if not all(t.device.type == "cpu" and t.dtype == sdtype and t.is_contiguous()
@@ -200,7 +211,7 @@ class _CppOps:
 
 def _select(*tensors: Tensor) -> tuple[str, Any]:
     """``(name, implementation)`` of the backend for these activation tensors."""
-    backend = _backend
+    backend = get_backend()
     if backend == "plain":
         return "plain", plain
     device = tensors[0].device.type
@@ -246,5 +257,3 @@ def grad_input(dy: Tensor, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``a[c] * dy + b[c] * x`` in ``x``'s dtype, same shape as ``x``."""
     return _select(dy, x)[1].grad_input(dy, x, a, b)
 
-
-set_backend(os.environ.get("MABN_D2_KERNELS", "auto"))

@@ -1,8 +1,10 @@
 """MABN hyper-parameters in one place: names, defaults, valid ranges and their validation.
 
 Every way of setting them reads the table :data:`SETTINGS`: the :class:`~mabn_d2.MABN2d`
-constructor, detectron2's YAML node ``MODEL.MABN`` (:mod:`mabn_d2.integration.config`),
-LazyConfig (an :class:`MABNSettings` node) and calibration. A bad value is refused with the
+constructor (its signature's defaults are checked against the table by the tests),
+:class:`MABNSettings` (fields and defaults), detectron2's YAML node ``MODEL.MABN`` and its
+documentation (:mod:`mabn_d2.integration.config`), LazyConfig validation
+(:mod:`mabn_d2.integration.lazy_config`) and calibration. A bad value is refused with the
 name the user wrote (``buffer_size``, ``MODEL.MABN.BUFFER_SIZE``, ``model.backbone.norm.
 buffer_size``) and the valid range.
 
@@ -16,14 +18,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .mabn import MABN2d
 
-__all__ = ["Setting", "SETTINGS", "MABNSettings", "check_setting"]
+__all__ = ["Setting", "SETTINGS", "DEFAULTS", "MABNSettings", "check_setting", "check_known_names"]
 
 
 def _is_number(value: Any) -> bool:
@@ -56,7 +58,8 @@ class Setting:
         default: the paper's value.
         convert: returns the normalized value, or None if the value is invalid.
         expected: the valid values, for error messages.
-        doc: one line for ``add_mabn_config``'s docstring and the README.
+        doc: its meaning, in one line: ``add_mabn_config``'s docstring lists it (the README's
+            config table says the same; a test compares them).
     """
 
     name: str
@@ -124,6 +127,8 @@ SETTINGS: tuple[Setting, ...] = (
             "batch statistics over all processes (like SyncBN) instead of per process"),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
+# The paper's values, by argument name.
+DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
 
 
 def check_setting(name: str, value: Any, key: str | None = None) -> Any:
@@ -133,6 +138,16 @@ def check_setting(name: str, value: Any, key: str | None = None) -> Any:
     if name == "momentum" and value is None:
         return None
     return setting.check(value, key)
+
+
+def check_known_names(names: Iterable[str], valid: Sequence[str], key: Callable[[str], str],
+                      what: str, context: str = "") -> None:
+    """Refuse names outside ``valid`` (a misspelt key would otherwise be ignored): ValueError
+    ``"<context>unknown <what> [<key(name)>...]; valid: [...]"``."""
+    unknown = set(names) - set(valid)
+    if unknown:
+        raise ValueError(f"{context}unknown {what} {sorted(key(n) for n in unknown)}; valid: "
+                         f"{[key(n) for n in valid]}")
 
 
 @dataclass(frozen=True)
@@ -145,15 +160,16 @@ class MABNSettings:
     and range of each field.
     """
 
-    eps: float = 1e-5
-    momentum: float | None = 0.02
-    buffer_size: int = 16
-    warmup_iters: int = 100
-    renorm_start_iter: int = 1000
-    renorm_clip: float = 5.0
-    backward_moving_average: bool = True
-    centralize_weights: bool = True
-    sync: bool = False
+    # The fields are SETTINGS' names in its order, with its defaults (a test checks the order).
+    eps: float = DEFAULTS["eps"]
+    momentum: float | None = DEFAULTS["momentum"]
+    buffer_size: int = DEFAULTS["buffer_size"]
+    warmup_iters: int = DEFAULTS["warmup_iters"]
+    renorm_start_iter: int = DEFAULTS["renorm_start_iter"]
+    renorm_clip: float = DEFAULTS["renorm_clip"]
+    backward_moving_average: bool = DEFAULTS["backward_moving_average"]
+    centralize_weights: bool = DEFAULTS["centralize_weights"]
+    sync: bool = DEFAULTS["sync"]
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -163,10 +179,7 @@ class MABNSettings:
     def from_mapping(cls, values: Mapping[str, Any], key: Callable[[str], str]) -> MABNSettings:
         """Settings from ``{name: value}`` (missing names take their default); errors name
         ``key(name)``, e.g. ``lambda n: "MODEL.MABN." + n.upper()``."""
-        unknown = set(values) - set(_BY_NAME)
-        if unknown:
-            raise ValueError(f"unknown MABN settings {sorted(key(n) for n in unknown)}; valid: "
-                             f"{[key(s.name) for s in SETTINGS]}")
+        check_known_names(values, [s.name for s in SETTINGS], key, "MABN settings")
         checked = {name: check_setting(name, value, key(name)) for name, value in values.items()}
         return cls(**checked)
 

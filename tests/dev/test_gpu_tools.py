@@ -56,6 +56,7 @@ def test_install_part_installs_the_wheelhouse_without_an_index(tmp_path):
     assert "| install | passed |" in (out / "report.md").read_text()
 
 
+@pytest.mark.e2e  # a child pytest run
 def test_cuda_tier_is_collected_and_judged(tmp_path):
     # No GPU here: every test of the tier is collected and skipped with the reason; expected
     # in a rehearsal (--no-cuda), a failure where a GPU is expected.

@@ -1,21 +1,18 @@
-"""Subprocess of tests/e2e/test_resume.py: trains the tiny MABN config with tools/train_net.py's
-set-up and appends ``{"iteration", "total_loss"}`` of every step to ``LOSSES`` (JSON lines).
+"""Subprocess of tests/e2e/test_resume.py: trains with tools/train_net.py's set-up (the test
+gives the tiny config) and appends ``{"iteration", "total_loss"}`` of every step to ``LOSSES``
+(JSON lines).
 
-Usage: python tests/e2e/resume_worker.py LOSSES [--resume] [cfg opts ...]
+Usage: python tests/e2e/resume_worker.py LOSSES [train_net.py arguments]
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from detectron2.engine import default_argument_parser, hooks
 
 from mabn_d2.engine import MABNTrainer, setup_from_args
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "configs" / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml"
 
 
 class RecordLosses(hooks.HookBase):
@@ -31,7 +28,7 @@ class RecordLosses(hooks.HookBase):
 
 def main() -> None:
     losses_path, rest = sys.argv[1], sys.argv[2:]
-    args = default_argument_parser().parse_args(["--config-file", str(TINY), *rest])
+    args = default_argument_parser().parse_args(rest)
     cfg = setup_from_args(args)
     trainer = MABNTrainer(cfg)
     trainer.register_hooks([RecordLosses(losses_path)])

@@ -2,8 +2,9 @@
 
 * train a tiny MABN Mask R-CNN for a few iterations, evaluate, then ``--eval-only`` on the
   checkpoint (through a user-registered copy of the same COCO JSON): same predictions;
-* a run killed after a checkpoint ``--resume``-s from the saved iteration with the saved MABN
-  state (iteration count, moving-average buffers, running second moment).
+* ``--eval-only`` without weights, and a CUDA device without CUDA, are clear errors.
+
+A run killed after a checkpoint and resumed: tests/e2e/test_resume.py.
 """
 
 from __future__ import annotations
@@ -11,22 +12,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, TINY
+from helpers import REPO, TINY, mabn_state
 
 TRAIN_NET = REPO / "tools" / "train_net.py"
 SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-# Layers that see every training step (RoI-head norms skip steps without RoIs).
-BACKBONE_PREFIX = "backbone.bottom_up."
 
 
 def train_net_cmd(*args: object) -> list[str]:
@@ -60,19 +57,6 @@ def load_predictions(output_dir: Path, dataset: str) -> tuple[np.ndarray, np.nda
     key.sort()
     array = np.array(key, dtype=np.float64)
     return array[:, :2], array[:, 2:]
-
-
-def mabn_state(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """``{layer: {buffer: tensor}}`` of the backbone's MABN layers in a checkpoint."""
-    model = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in model.items():
-        prefix, _, buffer = key.rpartition(".")
-        if key.startswith(BACKBONE_PREFIX) and buffer in (
-            "running_second_moment", "chi2_buffer", "psi_buffer", "num_batches_tracked"
-        ):
-            layers.setdefault(prefix, {})[buffer] = value
-    return layers
 
 
 def test_train_then_eval_only_on_coco_mini(coco_mini, tmp_path):
@@ -114,60 +98,6 @@ def test_train_then_eval_only_on_coco_mini(coco_mini, tmp_path):
     for task in ("bbox", "segm"):
         for metric in SUMMARY:
             assert again[task][metric] == pytest.approx(results[task][metric], abs=1e-6)
-
-
-def wait_for_checkpoint(proc: subprocess.Popen, output_dir: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    tag = output_dir / "last_checkpoint"
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before writing a checkpoint"
-        if tag.is_file() and tag.read_text().strip().endswith(".pth"):
-            return
-        time.sleep(0.05)
-    pytest.fail(f"no checkpoint in {output_dir} after {timeout} s")
-
-
-def test_killed_run_resumes_with_its_mabn_state(coco_mini, tmp_path):
-    momentum = 0.1
-    # Buffer size above the iterations run: slot t holds step t's statistics.
-    common = ("OUTPUT_DIR", tmp_path, "MODEL.MABN.BUFFER_SIZE", 16, "MODEL.MABN.MOMENTUM",
-              momentum, "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", 2)
-    proc = subprocess.Popen(
-        train_net_cmd(*common, "SOLVER.MAX_ITER", 1000), env=train_net_env(coco_mini),
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_checkpoint(proc, tmp_path, timeout=300)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    saved_file = tmp_path / (tmp_path / "last_checkpoint").read_text().strip()
-    saved_iter = torch.load(saved_file, map_location="cpu", weights_only=False)["iteration"]
-    saved = mabn_state(saved_file)
-    t0 = saved_iter + 1  # training steps in the checkpoint
-    assert saved and all(int(s["num_batches_tracked"]) == t0 for s in saved.values())
-
-    extra = 3
-    log = run_train_net(coco_mini, "--resume", *common, "SOLVER.MAX_ITER", t0 + extra)
-    assert f"Starting training from iteration {t0}" in log
-    final = mabn_state(tmp_path / "model_final.pth")
-    assert final.keys() == saved.keys()
-    for name, before in saved.items():
-        after = final[name]
-        assert int(after["num_batches_tracked"]) == t0 + extra, name
-        # Slots of the first run's steps 1..t0 are untouched by steps t0+1..t0+extra.
-        old = slice(1, t0 + 1)
-        torch.testing.assert_close(after["chi2_buffer"][old], before["chi2_buffer"][old],
-                                   rtol=0, atol=0)
-        torch.testing.assert_close(after["psi_buffer"][old], before["psi_buffer"][old],
-                                   rtol=0, atol=0)
-        # running <- (1 - momentum) running + momentum var, from the saved running; with
-        # t <= buffer size, var at step t is that step's chi2_B, in slot t.
-        expected = before["running_second_moment"].double()
-        for t in range(t0 + 1, t0 + extra + 1):
-            expected = (1 - momentum) * expected + momentum * after["chi2_buffer"][t].double()
-        torch.testing.assert_close(after["running_second_moment"].double(), expected,
-                                   rtol=1e-5, atol=1e-7)
 
 
 def test_eval_only_without_weights_is_a_clear_error(coco_mini, tmp_path):

@@ -38,21 +38,17 @@ def holder(out) -> subprocess.Popen:
     return proc
 
 
-def test_a_second_holder_is_refused_naming_the_folder_and_the_holder(tmp_path):
+def test_a_second_holder_is_refused_until_the_first_is_killed(tmp_path):
     proc = holder(tmp_path)
     try:
         with pytest.raises(OutputDirBusyError) as info:
             OutputDirLock(str(tmp_path)).acquire()
     finally:
-        sigkill_when(proc, lambda: True, 10, "the kill")
-    message = str(info.value)
+        sigkill_when(proc, lambda: True, 10, "the kill")  # kill -9: no clean-up ran
+    message = str(info.value)  # names the folder and the holder
     assert f"OUTPUT_DIR {tmp_path} is in use by another run (pid {proc.pid} on " in message
     assert "OUTPUT_DIR output/another_run" in message
-
-
-def test_the_lock_of_a_killed_process_does_not_block(tmp_path):
-    proc = holder(tmp_path)
-    sigkill_when(proc, lambda: True, 10, "the kill")  # kill -9: no clean-up ran
+    # The lock of the killed process does not block the next run.
     assert (tmp_path / LOCK_FILE).exists()  # the file stays, the lock went with the process
     with OutputDirLock(str(tmp_path)) as lock:
         assert lock.held

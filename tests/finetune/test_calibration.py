@@ -297,6 +297,7 @@ def _calibrate_rank(out_dir: str) -> None:
     torch.save(model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
 
 
+@pytest.mark.e2e  # two processes (gloo)
 def test_two_processes_calibrate_to_the_same_weights(tmp_path):
     # DDP keeps parameters identical only through identical updates: the statistics are
     # all-reduced, so both ranks set the values one process gets from all the data.

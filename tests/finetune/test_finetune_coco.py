@@ -186,6 +186,7 @@ def test_finetuning_from_a_bn_checkpoint_starts_lower_than_from_scratch(bn_run):
     assert abs(start_loss - bn_loss) < 0.05 * bn_loss, (start_loss, bn_loss)
 
 
+@pytest.mark.e2e  # training steps of MABNTrainer
 def test_mabn_trainer_calibrates_a_caffe2_checkpoint_then_trains(c2_pkl, tmp_path):
     cfg = small_rcnn_cfg("MABN", CENTRALIZE_EXCLUDE=["backbone.bottom_up"])
     cfg.merge_from_list(["MODEL.WEIGHTS", c2_pkl, "SOLVER.MAX_ITER", "2",

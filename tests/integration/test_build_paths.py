@@ -201,6 +201,7 @@ def assert_all_close(actual: dict, expected: dict, what: str) -> None:
                                    msg=f"{what}: {key}")
 
 
+@pytest.mark.e2e  # the paper's Mask R-CNN R50-FPN built and run four ways
 def test_yacs_lazyconfig_direct_and_predictor_build_the_same_mask_rcnn(tmp_path):
     from detectron2.config import instantiate
     from detectron2.engine import DefaultPredictor

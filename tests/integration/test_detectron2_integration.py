@@ -211,6 +211,7 @@ def real_batch(coco_mini, cfg, n=2):
     return [mapper(copy.deepcopy(d)) for d in dicts]
 
 
+@pytest.mark.e2e  # training steps of Mask R-CNN R50-FPN on real images
 def test_r50_fpn_training_step_lowers_loss_on_real_images(coco_mini):
     cfg = mabn_cfg()
     cfg.INPUT.MIN_SIZE_TRAIN = (256,)

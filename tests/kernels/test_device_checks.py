@@ -97,6 +97,7 @@ def test_cuda_graph_capture(device):
     checks.check_cuda_graph_capture(device)
 
 
+@pytest.mark.e2e  # torch.compile's code generation
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_torch_compile(device):
     # The CPU variant skips code generation (aot_eager): same graphs and graph break.
@@ -108,6 +109,7 @@ def test_sync_under_one_process_group(device, tmp_path):
     checks.check_sync_under_one_process_group(device, tmp_path / "store")
 
 
+@pytest.mark.e2e  # Mask R-CNN training steps
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_mask_rcnn_with_mabn_everywhere(device, tmp_path):
     if device == "cuda":

@@ -199,6 +199,7 @@ def test_training_saves_one_activation_sized_tensor():
     assert sum(t.numel() == x.numel() for t in saved) == 1
 
 
+@pytest.mark.e2e  # a child Python and a failed C++ build
 def test_build_failure_falls_back_to_plain_with_a_warning(tmp_path):
     # A fresh extension cache and a compiler that always fails: a real failed build.
     result = run_python(

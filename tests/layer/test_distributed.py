@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -52,6 +53,7 @@ def launch_two(tmp_path: Path, sync: bool) -> list[dict[str, torch.Tensor]]:
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
+@pytest.mark.e2e  # two processes (gloo)
 def test_sync_mode_two_ranks_of_batch_1_equal_one_process_of_batch_2(tmp_path):
     ranks = launch_two(tmp_path, sync=True)
     single = run_layer(MABN2d(3, **LAYER).double().train(), slice(0, 2))
@@ -66,6 +68,7 @@ def test_sync_mode_two_ranks_of_batch_1_equal_one_process_of_batch_2(tmp_path):
                                    rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.e2e  # two processes (gloo)
 def test_default_mode_keeps_per_rank_statistics(tmp_path):
     ranks = launch_two(tmp_path, sync=False)
     for rank_id, rank in enumerate(ranks):

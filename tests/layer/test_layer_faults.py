@@ -153,17 +153,6 @@ def test_wrong_input_errors_name_the_layer_and_expected_shape():
 # ---------------------------------------------------------------- low precision
 
 
-def test_half_input_whose_square_overflows_half_keeps_float32_statistics():
-    layer = MABN2d(2, **SMALL).train()
-    x = torch.full((2, 2, 4, 4), 300.0, dtype=torch.float16)  # 300^2 = 90000 > 65504
-    x.requires_grad_(True)
-    y = layer(x)
-    y.sum().backward()
-    assert y.dtype == torch.float16 and torch.isfinite(y).all() and torch.isfinite(x.grad).all()
-    assert layer.running_second_moment.dtype == torch.float32
-    assert torch.allclose(layer.chi2_buffer[1], torch.full((2,), 90000.0))
-
-
 def test_bfloat16_autocast_training_keeps_float32_finite_statistics():
     cfg = add_mabn_config(get_cfg())
     cfg.merge_from_list(["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",

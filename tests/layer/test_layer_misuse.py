@@ -60,7 +60,7 @@ def test_momentum_none_is_the_cumulative_average_like_batchnorm():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_and_bfloat16_layers_keep_float32_statistics_that_update(dtype):
+def test_half_and_bfloat16_keep_float32_statistics_that_update(dtype):
     layer = MABN2d(3, buffer_size=2, warmup_iters=0).to(dtype).train()
     assert layer.weight.dtype == dtype
     assert {b.dtype for n, b in layer.named_buffers() if n != "num_batches_tracked"} \
@@ -81,11 +81,20 @@ def test_half_and_bfloat16_layers_keep_float32_statistics_that_update(dtype):
     layer.double()  # float64 activations: float64 statistics
     assert layer.running_second_moment.dtype == torch.float64
 
-
-def test_half_model_keeps_the_statistics_float32():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), MABN2d(4)).half()
+    # A whole model converted (Module.half() / .bfloat16()): the statistics stay float32.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), MABN2d(4))
+    model = model.half() if dtype == torch.float16 else model.bfloat16()
     assert model[1].running_second_moment.dtype == torch.float32
     assert model[1].chi2_buffer.dtype == torch.float32
+
+    # Low-precision input into a float32 layer, its square beyond float16's range.
+    layer = MABN2d(2, buffer_size=2, warmup_iters=0).train()
+    x = torch.full((2, 2, 4, 4), 300.0, dtype=dtype, requires_grad=True)  # 300^2 = 90000
+    y = layer(x)
+    y.sum().backward()
+    assert y.dtype == dtype and torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert layer.running_second_moment.dtype == torch.float32
+    assert torch.allclose(layer.chi2_buffer[1], torch.full((2,), 90000.0))
 
 
 @pytest.mark.parametrize("backend", ["auto", "plain"])  # C++ fused step, plain PyTorch ops

@@ -29,6 +29,7 @@ import torch
 
 from mabn_d2 import MABN2d
 from mabn_d2.kernels import cpp
+from mabn_d2.layer import functional
 
 from helpers import REPO, subprocess_env, triton_interpreter_problem
 from mabn_reference import (
@@ -64,6 +65,15 @@ def test_path_matches_reference_through_every_branch(path, dtype, request):
     group = request.getfixturevalue("process_group") if path == "sync" else None
     for scenario in SCENARIOS:
         run_path(path, scenario, dtype, group)
+
+
+def test_sync_path_with_a_second_rank_of_the_same_data_matches_reference(monkeypatch):
+    """The synchronised step's arithmetic across processes, in one process: an all-reduce
+    stand-in that doubles every sum is a second rank with the same batch, which must leave
+    the statistics as they are (global sums over the global count). Two real processes:
+    tests/layer/test_distributed.py."""
+    monkeypatch.setattr(functional, "_all_reduce_sum", lambda t, group: t * 2)
+    run_path("sync", SCENARIOS[0], torch.float64, group="a stand-in process group")
 
 
 def test_scenarios_take_every_branch_of_the_schedule():

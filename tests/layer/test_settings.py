@@ -4,8 +4,10 @@ build), and the YAML-only keys ``CENTRALIZE_EXCLUDE`` and ``CALIBRATION.*``."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from detectron2.modeling import build_backbone
 
 from mabn_d2 import MABN2d, MABNSettings, add_mabn_config, settings_from_cfg
 from mabn_d2.integration.config import calibration_from_cfg, centralize_exclude_from_cfg
-from mabn_d2.layer.settings import SETTINGS
+from mabn_d2.layer.settings import DEFAULTS, SETTINGS
 
 from helpers import small_backbone_cfg
 
@@ -157,3 +159,18 @@ def test_calibration_invalid_edges_name_the_key(key, value, expected):
     setattr(cfg.MODEL.MABN.CALIBRATION, key, value)
     with pytest.raises(ValueError, match=rf"^MODEL.MABN.CALIBRATION.{key} must be {expected}"):
         calibration_from_cfg(cfg)
+
+
+def test_the_table_drives_the_layer_signature_the_dataclass_and_the_yaml_node():
+    # MABN2d's signature keeps readable literal defaults (as torch.nn.BatchNorm2d's); they
+    # must be the table's, in the table's order.
+    parameters = inspect.signature(MABN2d.__init__).parameters
+    assert list(parameters)[2:2 + len(SETTINGS)] == [s.name for s in SETTINGS]
+    assert {name: parameters[name].default for name in DEFAULTS} == DEFAULTS
+    assert [f.name for f in fields(MABNSettings)] == [s.name for s in SETTINGS]
+    assert MABNSettings().layer_kwargs() == DEFAULTS
+    node = add_mabn_config(get_cfg()).MODEL.MABN
+    assert {s.key: node[s.key] for s in SETTINGS} == {s.key: s.default for s in SETTINGS}
+    doc = add_mabn_config.__doc__
+    assert all(f"``{s.key}`` ({s.default!r}): {s.doc}" in doc for s in SETTINGS), doc
+

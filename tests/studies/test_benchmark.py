@@ -13,6 +13,7 @@ benchmark = import_script("studies/benchmark.py")
 
 
 
+@pytest.mark.e2e  # the benchmark's runs, end to end
 def test_layer_benchmark_writes_ratios_and_first_calls(tmp_path):
     out = tmp_path / "bench.json"
     results = benchmark.main(["--only", "layer", "--shapes", "2,32,6,5", "16,32,7,7",
@@ -52,6 +53,7 @@ def few_rois(monkeypatch):
     monkeypatch.setattr(benchmark, "model_cfg", small_cfg)
 
 
+@pytest.mark.e2e  # the benchmark's runs, end to end
 def test_inference_benchmark_times_eager_and_deployed_models(few_rois):
     rows = {r["candidate"]: r for r in benchmark.bench_model_inference(1, 96, torch.device("cpu"))}
     assert set(rows) == {f"{n}{m}" for n in ("fused_MABN", "FrozenBN", "GN")
@@ -72,6 +74,7 @@ def test_inference_benchmark_times_eager_and_deployed_models(few_rois):
         assert forms[fastest["fastest_form"]] == fastest["median_s"]
 
 
+@pytest.mark.e2e  # the benchmark's runs, end to end
 def test_eager_inference_at_a_given_width(few_rois):
     rows = benchmark.bench_model_inference(1, 64, torch.device("cpu"), width=112,
                                            deployed_too=False)

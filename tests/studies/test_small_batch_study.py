@@ -115,6 +115,7 @@ def test_models_use_the_layers_of_their_method():
     assert set(shifted.flatten().tolist()) <= set(range(64)) | {0.0}
 
 
+@pytest.mark.e2e  # the study's command line, end to end
 def test_study_runs_end_to_end_and_writes_table_json_and_plots(tmp_path, capsys):
     result = study.main(["--methods", "BN/2", "MABN/2", "--seeds", "2", "--epochs", "1",
                          "--record-every", "5", "--out", str(tmp_path)])
