@@ -9,6 +9,12 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # The venv is rebuilt from scratch when PYTHON is another version than the one it was made with.
 PYTHON_VERSION := $(shell $(PYTHON) -c 'import platform; print(platform.python_version())' 2>/dev/null)
 STAMP := $(VENV)/.installed-python$(PYTHON_VERSION)
+# Where tools/install_detectron2.py takes detectron2 from (docs/install.md): auto (the official
+# repository at the tested commit, else the v0.6 fallback), git, pypi-v0.6, a source folder or
+# tarball (DETECTRON2_SHA256: its checksum), or git+URL@COMMIT. E.g. upstream main offline:
+#   make test VENV=.venv-main DETECTRON2_SOURCE=../shared/vendor/detectron2-02b5c4e2.tar.gz
+DETECTRON2_SOURCE ?= auto
+DETECTRON2_SHA256 ?=
 # The main job's output (checkpoints, metrics.json, TensorBoard events, COCO results).
 DEMO_OUT ?= output/demo
 DEMO_CONFIG := configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml
@@ -25,7 +31,8 @@ $(STAMP): setup.py requirements.txt tools/install_detectron2.py tools/detectron2
 	$(PY) -m pip install --upgrade "pip>=23,<26"
 	$(PY) -m pip install -c requirements.txt $(TORCH_PINS)
 	$(PY) -m pip install -r requirements.txt
-	$(PY) tools/install_detectron2.py
+	$(PY) tools/install_detectron2.py --source "$(DETECTRON2_SOURCE)" \
+		$(if $(DETECTRON2_SHA256),--sha256 $(DETECTRON2_SHA256))
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -33,6 +33,8 @@ TINY_LAZY = CONFIGS / "lazy" / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.py"
 # For a child Python: the repository, the tests' helpers and support modules, as pytest's own
 # path gives them here.
 TEST_PATHS = [REPO, REPO / "tests", REPO / "tests" / "kernels", REPO / "tests" / "layer"]
+# Upstream detectron2 main at the commit tools/install_detectron2.py pins (../shared/vendor).
+DETECTRON2_TARBALL = REPO.parent / "shared" / "vendor" / "detectron2-02b5c4e2.tar.gz"
 
 
 # Values of CI that mean "not in CI" (CI systems set CI=true, CI=1, CI=yes, ...).
@@ -58,17 +60,29 @@ def running_in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in _NOT_CI
 
 
-def require_coco_mini() -> Path:
-    """The coco_mini root; skip (fresh clone without ../shared) or, in CI, fail if absent."""
-    if (COCO_MINI / "coco" / "annotations" / "instances_train2017.json").is_file():
-        return COCO_MINI
-    reason = (
-        f"the real COCO subset is not at {COCO_MINI} (expected ../shared/data/coco_mini beside "
-        "the repository, or MABN_D2_COCO_MINI)"
-    )
+def _require_shared(path: Path, reason: str) -> Path:
+    """``path`` if it exists; else skip (a user's clone without ../shared) or, in CI, fail."""
+    if path.exists():
+        return path
     if running_in_ci():
         pytest.fail(f"CI={os.environ['CI']}: {reason}")
     pytest.skip(reason)
+
+
+def require_coco_mini() -> Path:
+    """The coco_mini root; skip (fresh clone without ../shared) or, in CI, fail if absent."""
+    _require_shared(
+        COCO_MINI / "coco" / "annotations" / "instances_train2017.json",
+        f"the real COCO subset is not at {COCO_MINI} (expected ../shared/data/coco_mini beside "
+        "the repository, or MABN_D2_COCO_MINI)")
+    return COCO_MINI
+
+
+def require_vendored_detectron2() -> Path:
+    """The tarball of upstream detectron2 at the tested commit (../shared/vendor); skip or, in
+    CI, fail if absent."""
+    return _require_shared(DETECTRON2_TARBALL, f"the upstream detectron2 sources are not at "
+                           f"{DETECTRON2_TARBALL} (../shared/vendor beside the repository)")
 
 
 def small_backbone_cfg(norm: str, **mabn):

@@ -1,26 +1,41 @@
 #!/usr/bin/env python
 """Install detectron2 into the current Python environment.
 
-1. If ``import detectron2`` already works, do nothing (``--force`` reinstalls).
-2. Try the official git repository (builds detectron2 with its compiled ops).
-3. Where that repository cannot be reached, fall back to the official v0.6 Python sources
-   that PyPI's sdist ``pb1-detectron2==0.6`` holds byte for byte. That sdist lacks
-   ``detectron2/layers/csrc``, so the compiled extension cannot be built: a stand-in
-   ``detectron2/_C.py`` is added that raises a clear error for every compiled op
-   (deformable conv, rotated boxes, the C++ COCO evaluator); Mask R-CNN never needs them.
-   v0.6 predates numpy 2, Pillow 10 and setuptools without ``pkg_resources``: the sources are
-   edited before they are installed, each edit anchored to the exact v0.6 text (a missing
-   anchor stops the install) and mirroring the change detectron2 itself made later
-   (``SOURCE_EDITS``). The model zoo's configs are installed with the package.
+Two supported stacks (docs/install.md):
 
-Run it with the environment's interpreter, e.g. ``.venv/bin/python tools/install_detectron2.py``.
-torch must be installed first.
+* **upstream main** at the tested commit ``PINNED_COMMIT``, built from source WITH its compiled
+  C++ ops (``from detectron2 import _C`` works): ``--source git`` (the official repository at
+  that commit), or the same sources from a tarball (``--source detectron2-02b5c4e2.tar.gz
+  --sha256 ...``: CI and offline machines, ``../shared/vendor``), a folder, or any
+  ``git+URL@COMMIT``;
+* the **v0.6 fallback** (``--source pypi-v0.6``): the official v0.6 Python sources that PyPI's
+  sdist ``pb1-detectron2==0.6`` holds byte for byte. That sdist lacks
+  ``detectron2/layers/csrc``, so the compiled extension cannot be built: a stand-in
+  ``detectron2/_C.py`` is added that raises a clear error for every compiled op (deformable
+  conv, rotated boxes, the C++ COCO evaluator); Mask R-CNN never needs them. v0.6 predates
+  numpy 2, Pillow 10 and setuptools without ``pkg_resources``: the sources are edited before
+  they are installed, each edit anchored to the exact v0.6 text (a missing anchor stops the
+  install) and mirroring the change detectron2 itself made later (``SOURCE_EDITS``). The model
+  zoo's configs are installed with the package.
+
+``--source auto`` (the default): the official repository at ``PINNED_COMMIT`` if it can be
+reached, else the v0.6 fallback. If ``import detectron2`` already works, nothing is done
+(``--force`` reinstalls).
+
+Upstream main still imports ``pkg_resources`` (model_zoo.py), which setuptools >= 81 no longer
+ships: every source tree built here gets the same anchored edit as the fallback
+(``PKG_RESOURCES_EDITS``, as upstream PR #5510 proposes) while its sources still need it; no
+constraint on setuptools.
+
+Run it with the environment's interpreter, e.g. ``.venv/bin/python tools/install_detectron2.py
+--source ../shared/vendor/detectron2-02b5c4e2.tar.gz``. torch must be installed first.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OFFICIAL_GIT = "https://github.com/facebookresearch/detectron2.git"
+# The upstream main commit this project is tested with (docs/install.md): `--source git`
+# installs exactly this one. The same sources: ../shared/vendor/detectron2-02b5c4e2.tar.gz.
+PINNED_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
+PINNED_TARBALL_SHA256 = "a42c29a2376e7bcc0b704a173612dd6f75960d837ccf4d340a0d714ac92e36f0"
 SDIST = "pb1-detectron2==0.6"
 # sha256 of pb1-detectron2-0.6.tar.gz on PyPI: the edits below are anchored to exactly these
 # sources (official v0.6, tag d1e04565d3bec8719335b88be9e9b961bf3ec464, byte for byte).
@@ -79,6 +98,22 @@ _NP_INT = f"{UPSTREAM}/commit/027099d3 (np.int -> int)"
 _NP_FLOAT = f"{UPSTREAM}/commit/54dd614e (np.float -> float)"
 _NP_STR = f"{UPSTREAM}/commit/654570a2 (np.str -> str)"
 _LR_SCHEDULER = f"{UPSTREAM}/commit/21080971 (PR #4709, use torch.optim.lr_scheduler.LRScheduler)"
+
+# setuptools >= 81 has no pkg_resources. Upstream has not changed this yet (issue #5494 open;
+# still so at PINNED_COMMIT): the edit is the one of PR #5510, the configs are files next to
+# model_zoo.py. Applied to the v0.6 fallback and, where its sources still import pkg_resources,
+# to every other source tree this installer builds (upstream main included).
+_PKG_RESOURCES = f"{UPSTREAM}/issues/5494, as proposed in PR #5510 (not merged upstream)"
+PKG_RESOURCES_EDITS: tuple[SourceEdit, ...] = (
+    SourceEdit("detectron2/model_zoo/model_zoo.py",
+               "import pkg_resources\n", "", _PKG_RESOURCES),
+    SourceEdit("detectron2/model_zoo/model_zoo.py",
+               "    cfg_file = pkg_resources.resource_filename(\n"
+               '        "detectron2.model_zoo", os.path.join("configs", config_path)\n'
+               "    )\n",
+               '    cfg_file = os.path.join(os.path.dirname(__file__), "configs", config_path)\n',
+               _PKG_RESOURCES),
+)
 
 # The edits, applied in this order to the extracted sdist (fallback path only). Each one
 # mirrors a later upstream change; README.md ("detectron2 v0.6 on today's stack") lists them.
@@ -154,17 +189,7 @@ SOURCE_EDITS: tuple[SourceEdit, ...] = (
                "    def __init__(self, src_rect, output_size, interp=Image.LINEAR, fill=0):\n",
                "    def __init__(self, src_rect, output_size, interp=Image.BILINEAR, fill=0):\n",
                f"{UPSTREAM}/commit/ff53992b (fix PIL.LINEAR warning)"),
-    # setuptools >= 81 has no pkg_resources. Upstream has not changed this yet (issue #5494
-    # open); the edit is the one of PR #5510: the configs are files next to model_zoo.py.
-    SourceEdit("detectron2/model_zoo/model_zoo.py",
-               "import pkg_resources\n", "",
-               f"{UPSTREAM}/issues/5494, as proposed in PR #5510 (not merged upstream)"),
-    SourceEdit("detectron2/model_zoo/model_zoo.py",
-               "    cfg_file = pkg_resources.resource_filename(\n"
-               '        "detectron2.model_zoo", os.path.join("configs", config_path)\n'
-               "    )\n",
-               '    cfg_file = os.path.join(os.path.dirname(__file__), "configs", config_path)\n',
-               f"{UPSTREAM}/issues/5494, as proposed in PR #5510 (not merged upstream)"),
+    *PKG_RESOURCES_EDITS,
     # Python 3.11: random.sample no longer takes a set. MapDataset's retry after a failed
     # map_func (e.g. an image a mapper drops) raised TypeError.
     SourceEdit("detectron2/data/common.py",
@@ -313,11 +338,6 @@ def git_reachable(url: str, timeout: float) -> bool:
     return probe.returncode == 0
 
 
-def install_from_git() -> bool:
-    result = pip("install", "--no-build-isolation", f"git+{OFFICIAL_GIT}", timeout=3600)
-    return result.returncode == 0
-
-
 def prepare_pure_v06_source(workdir: Path) -> Path:
     """Download the v0.6 sdist into ``workdir`` and make it an installable pure-Python source
     tree (compiled ops replaced by the stand-in ``detectron2/_C.py``); returns the tree, ready
@@ -376,27 +396,145 @@ def install_pure_v06(workdir: Path) -> None:
     )
 
 
-def main() -> None:
+class SourceError(RuntimeError):
+    """A detectron2 source (folder, tarball, git URL) that cannot be used: the message says why."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _source_root(folder: Path, what: str) -> Path:
+    """``folder`` or its only subfolder (a tarball's prefix) holding ``setup.py`` and
+    ``detectron2/``."""
+    for candidate in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
+        if (candidate / "setup.py").is_file() and (candidate / "detectron2").is_dir():
+            return candidate
+    raise SourceError(f"{what}: no detectron2 source tree (setup.py beside detectron2/) in it")
+
+
+def split_git_source(source: str) -> tuple[str, str]:
+    """``git+URL@REV`` -> (URL, REV). The revision is required: an unpinned install would be
+    whatever upstream HEAD is that day, never tested."""
+    url = source.removeprefix("git+")
+    url, sep, rev = url.rpartition("@")
+    if not sep or not url or not rev or "/" in rev:
+        raise SourceError(f"{source}: give the commit, e.g. git+{OFFICIAL_GIT}@{PINNED_COMMIT}")
+    return url, rev
+
+
+def fetch_git(url: str, rev: str, dest: Path) -> Path:
+    """Check out ``rev`` (a commit, tag or branch) of the repository at ``url`` into ``dest``;
+    returns ``dest``."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(dest), *args], capture_output=True, text=True,
+                              timeout=1800, check=False)
+
+    dest.mkdir(parents=True)
+    git("init", "-q")
+    target = "FETCH_HEAD"
+    if git("fetch", "-q", "--depth", "1", url, rev).returncode != 0:
+        # A server that does not serve a commit by name: the whole history, then the commit.
+        fetched = git("fetch", "-q", url, "+refs/heads/*:refs/remotes/origin/*",
+                      "+refs/tags/*:refs/tags/*")
+        if fetched.returncode != 0:
+            raise SourceError(f"git fetch {url}: {fetched.stderr.strip()}")
+        target = rev
+    checkout = git("checkout", "-q", target)
+    if checkout.returncode != 0:
+        raise SourceError(f"{url}: revision {rev} not found ({checkout.stderr.strip()})")
+    head = git("rev-parse", "HEAD").stdout.strip()
+    print(f"install_detectron2: {url} at {head}", flush=True)
+    return dest
+
+
+def prepare_source_tree(source: str, workdir: Path, sha256: str | None = None) -> Path:
+    """A buildable copy, under ``workdir``, of the detectron2 sources ``source`` names: a
+    folder (copied: the user's tree is not edited), a tarball (checked against ``sha256`` when
+    given), or ``git+URL@REV``. ``PKG_RESOURCES_EDITS`` are applied while the sources still
+    import ``pkg_resources``. Raises :class:`SourceError` or :class:`SourceEditError`."""
+    if sha256 is not None and not Path(source).expanduser().is_file():
+        raise SourceError("--sha256 checks a tarball; give it only with a tarball --source")
+    if source.startswith("git+"):
+        root = _source_root(fetch_git(*split_git_source(source), workdir / "git"), source)
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            root = Path(shutil.copytree(_source_root(path, source), workdir / "tree",
+                                        ignore=shutil.ignore_patterns(".git", "build", "*.so")))
+        elif path.is_file():
+            if sha256 is not None and (found := sha256_of(path)) != sha256.lower():
+                raise SourceError(f"{path}: sha256 {found}, expected {sha256}")
+            try:
+                with tarfile.open(path) as tar:
+                    tar.extractall(workdir / "tree", filter="data")
+            except tarfile.TarError as error:
+                raise SourceError(f"{path}: not a readable tarball ({error})") from error
+            root = _source_root(workdir / "tree", source)
+        else:
+            raise SourceError(f"{source}: no such folder or file (nor git+URL@COMMIT)")
+    model_zoo = root / PKG_RESOURCES_EDITS[0].path
+    if model_zoo.is_file() and PKG_RESOURCES_EDITS[0].old in model_zoo.read_text("utf-8"):
+        for line in apply_source_edits(root, PKG_RESOURCES_EDITS):
+            print(f"install_detectron2: edited {line}", flush=True)
+    return root
+
+
+def install_source_tree(root: Path) -> None:
+    """Build and install the sources at ``root`` with their compiled ops (needs torch and a
+    C++ compiler; about 2 minutes on 2 cores)."""
+    if pip("install", "--no-build-isolation", str(root)).returncode != 0:
+        sys.exit(f"install_detectron2: building detectron2 from {root} failed (log above)")
+
+
+def compiled_ops_available() -> bool:
+    """``from detectron2 import _C`` gives the real extension (not the fallback's stand-in)."""
+    code = "from detectron2 import _C; assert hasattr(_C, 'deform_conv_forward')"
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    return probe.returncode == 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="reinstall even if importable")
     parser.add_argument(
-        "--source",
-        choices=["auto", "git", "pypi-v0.6"],
-        default="auto",
-        help="auto: official git repository if reachable, else the v0.6 sdist",
-    )
-    args = parser.parse_args()
+        "--source", default=os.environ.get("DETECTRON2_SOURCE") or "auto",
+        help="auto (default): the official repository at the tested commit if reachable, else "
+             "pypi-v0.6; git: the official repository at the tested commit "
+             f"({PINNED_COMMIT[:8]}); pypi-v0.6: the v0.6 fallback; or a source folder, a "
+             "source tarball, or git+URL@COMMIT (built with compiled ops)")
+    parser.add_argument("--sha256", default=None,
+                        help="expected sha256 of a tarball --source (checked before extracting)")
+    args = parser.parse_args(argv)
     if not args.force and detectron2_importable():
         print("install_detectron2: detectron2 is already installed", flush=True)
         return
-    if args.source in ("auto", "git"):
-        if git_reachable(OFFICIAL_GIT, timeout=20) and install_from_git():
-            return
-        if args.source == "git":
-            sys.exit(f"install_detectron2: could not install from {OFFICIAL_GIT}")
-        print(f"install_detectron2: {OFFICIAL_GIT} not reachable; using {SDIST}", flush=True)
+    source = args.source
+    if source in ("auto", "git"):
+        pinned = f"git+{OFFICIAL_GIT}@{PINNED_COMMIT}"
+        if git_reachable(OFFICIAL_GIT, timeout=20):
+            source = pinned
+        elif source == "git":
+            sys.exit(f"install_detectron2: {OFFICIAL_GIT} cannot be reached")
+        else:
+            print(f"install_detectron2: {OFFICIAL_GIT} not reachable; using {SDIST}", flush=True)
+            source = "pypi-v0.6"
     with tempfile.TemporaryDirectory(prefix="detectron2-src-") as tmp:
-        install_pure_v06(Path(tmp))
+        if source == "pypi-v0.6":
+            install_pure_v06(Path(tmp))
+        else:
+            try:
+                root = prepare_source_tree(source, Path(tmp), args.sha256)
+            except (SourceError, SourceEditError) as error:
+                sys.exit(f"install_detectron2: {error}")
+            install_source_tree(root)
+            ops = "WITH" if compiled_ops_available() else "WITHOUT"
+            print(f"install_detectron2: installed detectron2 from {source} {ops} compiled ops",
+                  flush=True)
     if not detectron2_importable():
         sys.exit("install_detectron2: detectron2 still does not import")
 

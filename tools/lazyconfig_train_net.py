@@ -39,6 +39,7 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 
 import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
+from mabn_d2.detectron2_compat import start_data_loader_iterator
 from mabn_d2.engine.atomic_checkpointer import (
     AtomicCheckpointer,
     MissingWeightsError,
@@ -92,6 +93,7 @@ def do_train(args: argparse.Namespace, cfg) -> None:
         ]
     )
 
+    start_data_loader_iterator(trainer)  # before --resume restores the random generators
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     if args.resume and checkpointer.has_checkpoint():
         # The checkpoint stores the training iteration that just finished, thus we start

@@ -28,8 +28,8 @@ import pickle
 from typing import Any
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 
+from ..detectron2_compat import ReadAheadCheckpointer
 from ..file_io import atomic_write, is_temporary_file
 
 __all__ = ["AtomicCheckpointer", "MissingWeightsError", "NoReadableCheckpointError",
@@ -58,7 +58,7 @@ def _refused_not_damaged(error: Exception) -> bool:
     return isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error)
 
 
-class AtomicCheckpointer(DetectionCheckpointer):
+class AtomicCheckpointer(ReadAheadCheckpointer):
     """``DetectionCheckpointer`` with atomic saves and a resume that skips damaged files.
 
     Same constructor and loading as detectron2's; see the module docstring. Folders given as
@@ -68,9 +68,6 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def __init__(self, model: torch.nn.Module, save_dir: str = "", *,
                  save_to_disk: bool | None = None, **checkpointables: Any) -> None:
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
-        # {path: loaded checkpoint}: a resume candidate read while checking it, so that
-        # load() does not read it a second time.
-        self._read_ahead: dict[str, dict[str, Any]] = {}
 
     def save(self, name: str, **kwargs: Any) -> None:
         """fvcore's ``save`` (model, checkpointables, ``kwargs`` into ``<name>.pth``, then
@@ -138,7 +135,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         failures = []
         for candidate in self._resume_candidates():
             try:
-                self._read_ahead[candidate] = self._load_file(candidate)
+                self.read_ahead(candidate)  # kept for load(): read once
             except Exception as error:  # any reader failure: truncated zip, EOF, pickle, ...
                 if _refused_not_damaged(error):
                     raise
@@ -157,10 +154,6 @@ class AtomicCheckpointer(DetectionCheckpointer):
             + "\nStart afresh without --resume (or with another OUTPUT_DIR), or load weights "
             "with MODEL.WEIGHTS."
         )
-
-    def _load_file(self, filename: str) -> dict[str, Any]:
-        read = self._read_ahead.pop(filename, None)
-        return read if read is not None else super()._load_file(filename)
 
 
 def load_eval_weights(checkpointer: AtomicCheckpointer, weights: str, resume: bool, *,

@@ -21,6 +21,7 @@ from detectron2.utils import comm
 from tabulate import tabulate
 
 from ..data.annotation_checks import describe_invalid, find_invalid_annotations, without_annotations
+from ..detectron2_compat import coco_evaluator_ground_truth, has_compiled_coco_eval
 from ..file_io import atomic_write
 
 __all__ = [
@@ -40,15 +41,6 @@ EVAL_RESULTS_FILE = "eval_results.json"
 _SUMMARY_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def has_compiled_coco_eval() -> bool:
-    """Whether ``detectron2._C`` provides the C++ COCOeval (``use_fast_impl=True``)."""
-    try:
-        from detectron2 import _C
-    except ImportError:
-        return False
-    return all(hasattr(_C, op) for op in ("COCOevalAccumulate", "COCOevalEvaluateImages"))
-
-
 class CheckedCOCOEvaluator(COCOEvaluator):
     """detectron2's ``COCOEvaluator`` whose ground truth leaves out malformed annotations
     (:func:`mabn_d2.data.annotation_checks.find_invalid_annotations`), with a warning naming
@@ -56,8 +48,8 @@ class CheckedCOCOEvaluator(COCOEvaluator):
 
     def __init__(self, dataset_name: str, *args, **kwargs) -> None:
         super().__init__(dataset_name, *args, **kwargs)
-        gt = self._coco_api
-        invalid = find_invalid_annotations(gt.dataset) if self._do_evaluation else []
+        gt = coco_evaluator_ground_truth(self)
+        invalid = find_invalid_annotations(gt.dataset) if gt is not None else []
         if invalid:
             logger.warning("COCO evaluation of %s leaves out %d malformed ground-truth "
                            "annotations:\n%s", dataset_name, len(invalid),

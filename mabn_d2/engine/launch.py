@@ -24,8 +24,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import defaults as d2_defaults
 from detectron2.engine import launch as d2_launch
-from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
+from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
+
+from ..detectron2_compat import create_local_process_group, find_free_port
 
 __all__ = ["launch"]
 
@@ -65,7 +67,7 @@ def launch(
     if dist_url in (None, "auto"):
         if num_machines != 1:
             raise ValueError("launch: dist_url='auto' only works on a single machine")
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+        dist_url = f"tcp://127.0.0.1:{find_free_port()}"
     mp.spawn(
         _gloo_worker,
         nprocs=num_processes_per_machine,
@@ -91,12 +93,7 @@ def _gloo_worker(
         timeout=timeout,
     )
     # detectron2's comm.get_local_rank()/get_local_size() read this group.
-    num_machines = world_size // num_processes_per_machine
-    for i in range(num_machines):
-        ranks = list(range(i * num_processes_per_machine, (i + 1) * num_processes_per_machine))
-        group = dist.new_group(ranks)
-        if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
+    create_local_process_group(num_processes_per_machine)
     _let_ddp_wrap_cpu_models()
     comm.synchronize()
     try:

@@ -9,13 +9,12 @@ import os
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
-from fvcore.common.checkpoint import _IncompatibleKeys
 
 from ..deploy.fuse import fuse_mabn
+from ..detectron2_compat import IncompatibleKeys, IncompatibleKeysCheckpointer
 from ..integration.lazy_config import validate_lazy_config
 from .atomic_checkpointer import MissingWeightsError
 from .lazy_training import build_lazy_model
@@ -28,12 +27,11 @@ class WeightsMismatchError(RuntimeError):
     """The weights file does not describe the config's model."""
 
 
-class _StrictCheckpointer(DetectionCheckpointer):
+class _StrictCheckpointer(IncompatibleKeysCheckpointer):
     """detectron2's checkpointer, but a model entry missing from the weights or of another
     shape is an error instead of a logged warning (an untrained part would predict noise)."""
 
-    def _log_incompatible_keys(self, incompatible: _IncompatibleKeys) -> None:
-        super()._log_incompatible_keys(incompatible)
+    def on_incompatible_keys(self, incompatible: IncompatibleKeys) -> None:
         problems = [f"{key}: shape {tuple(saved)} in the weights, {tuple(wanted)} in the model"
                     for key, saved, wanted in incompatible.incorrect_shapes]
         problems += [f"{key}: not in the weights" for key in incompatible.missing_keys]

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader
-from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import DatasetEvaluator
 from torch import nn
@@ -17,6 +16,12 @@ from torch import nn
 from ..data import check_num_classes
 from ..data.annotation_checks import instances_without_masks
 from ..data.user_coco import drop_invalid_annotations
+from ..detectron2_compat import (
+    inner_trainer,
+    start_data_loader_iterator,
+    train_loader_kwargs,
+    trainer_hooks,
+)
 from ..integration.batch_stats import build_batch_stats_hook
 from .atomic_checkpointer import AtomicCheckpointer
 from .evaluation import EVAL_RESULTS_FILE, build_coco_evaluator, report_eval_results
@@ -27,6 +32,8 @@ from .setup import describe_mabn_model
 __all__ = ["MABNTrainer", "EVAL_RESULTS_FILE"]
 
 logger = logging.getLogger(__name__)
+# upstream main's DefaultTrainer saves and restores its inner trainer's state; v0.6's does not.
+_BASE_RESTORES_INNER_TRAINER = "load_state_dict" in vars(DefaultTrainer)
 
 
 def _insert_before(
@@ -81,7 +88,7 @@ class MABNTrainer(DefaultTrainer):
         old = self.checkpointer
         self.checkpointer = AtomicCheckpointer(
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables)
-        for hook in self._hooks:
+        for hook in trainer_hooks(self):
             if isinstance(hook, hooks.PeriodicCheckpointer):
                 hook.checkpointer = self.checkpointer
         # Saved with every checkpoint, restored by --resume (see engine/resume.py).
@@ -91,7 +98,7 @@ class MABNTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg: CfgNode):
         """detectron2's train loader, its sampler wrapped so that ``--resume`` continues the
         data stream where the interrupted run stopped (``loader.resumable_sampler``)."""
-        kwargs = _train_loader_from_config(cfg)  # loads the datasets: thing_classes known
+        kwargs = train_loader_kwargs(cfg)  # loads the datasets: thing_classes known
         if cfg.MODEL.MASK_ON:
             kwargs["dataset"] = _with_masks_checked(kwargs["dataset"],
                                                     drop_invalid_annotations(cfg))
@@ -101,24 +108,28 @@ class MABNTrainer(DefaultTrainer):
 
     def state_dict(self) -> dict:
         # detectron2 v0.6's DefaultTrainer saves neither the optimizer (SGD momentum) nor the
-        # AMP grad scaler: --resume restarted them from zero. As later detectron2 releases do,
-        # save the inner SimpleTrainer/AMPTrainer state too.
+        # AMP grad scaler: --resume restarted them from zero. As upstream main does, save the
+        # inner SimpleTrainer/AMPTrainer state too.
         state = super().state_dict()
-        state["_trainer"] = self._trainer.state_dict()
+        state["_trainer"] = inner_trainer(self).state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if "_trainer" not in state_dict:
+            logger.warning("The checkpoint has no optimizer state (saved by detectron2 v0.6's "
+                           "own DefaultTrainer?): the optimizer starts afresh")
+            # upstream main's DefaultTrainer would stop with a KeyError
+            state_dict = {**state_dict, "_trainer": inner_trainer(self).state_dict()}
         super().load_state_dict(state_dict)
-        if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
-        else:
-            logger.warning("The checkpoint has no optimizer state (saved by detectron2's own "
-                           "DefaultTrainer?): the optimizer starts afresh")
+        if not _BASE_RESTORES_INNER_TRAINER:
+            inner_trainer(self).load_state_dict(state_dict["_trainer"])
 
     def resume_or_load(self, resume: bool = True) -> None:
+        # Before the generators are restored, as in the uninterrupted run (see the function).
+        start_data_loader_iterator(inner_trainer(self))
         super().resume_or_load(resume=resume)
         if resume:
-            continue_data_stream(self._trainer.data_loader, self.start_iter,
+            continue_data_stream(inner_trainer(self).data_loader, self.start_iter,
                                  self.cfg.SOLVER.IMS_PER_BATCH)
 
     @classmethod

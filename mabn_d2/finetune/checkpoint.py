@@ -35,14 +35,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from detectron2.checkpoint.c2_model_loading import (
     align_and_update_state_dicts,
     convert_c2_detectron_names,
 )
-from fvcore.common.checkpoint import _strip_prefix_if_present
 from tabulate import tabulate
 from torch import Tensor, nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from ..integration.conv import CentralizedConv2d
 from ..layer import MABN2d
@@ -430,6 +431,16 @@ def _c2_affine_hint(renamed_to_original: Mapping[str, str]) -> Callable[[str], b
     return lambda name: bool(_suffix_match(f"{name}.weight", affine))
 
 
+def _ndarrays_to_tensors(state: dict[str, Any]) -> None:
+    """In place, as fvcore's checkpointer does before loading: numpy arrays (Caffe2 ``.pkl``)
+    become tensors; any other non-tensor is an error naming its key."""
+    for key, value in state.items():
+        if isinstance(value, np.ndarray):
+            state[key] = torch.from_numpy(value)
+        elif not isinstance(value, torch.Tensor):
+            raise ValueError(f"Unsupported type found in checkpoint! {key}: {type(value)}")
+
+
 def load_model_with_mabn_conversion(checkpointer: Any, checkpoint: dict[str, Any],
                                     load_model: Callable[[Any, dict[str, Any]], Any]) -> Any:
     """``DetectionCheckpointer._load_model`` for models with MABN layers (see module doc).
@@ -441,8 +452,9 @@ def load_model_with_mabn_conversion(checkpointer: Any, checkpoint: dict[str, Any
     """
     model = checkpointer.model
     state = checkpoint["model"]
-    checkpointer._convert_ndarray_to_tensor(state)
-    _strip_prefix_if_present(state, "module.")
+    _ndarrays_to_tensors(state)
+    if state and all(key.startswith("module.") for key in state):  # saved from a DDP model
+        consume_prefix_in_state_dict_if_present(state, "module.")
     check_finite(state)
     if not any(isinstance(m, MABN2d) for m in model.modules()):
         _refuse_mabn_entries(state)

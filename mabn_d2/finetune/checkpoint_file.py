@@ -14,10 +14,9 @@ import re
 from pathlib import Path
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
-from torch import nn
 
+from ..detectron2_compat import read_checkpoint
 from ..file_io import atomic_write
 from .checkpoint import SOURCES_KEY, check_finite
 from .convert import (
@@ -30,12 +29,6 @@ from .convert import (
 __all__ = ["convert_checkpoint_file", "read_checkpoint"]
 
 _NORM_NAME = re.compile(r"(^|\.)(norm|bn\d*)$")
-
-
-def read_checkpoint(path: str) -> dict:
-    """What ``DetectionCheckpointer`` reads from ``path``: ``{"model": state, ...}``."""
-    # detectron2's file reading (formats, Caffe2 detection, PathManager URLs); no model needed.
-    return DetectionCheckpointer(nn.Module())._load_file(path)
 
 
 def _as_tensors(state: dict) -> dict[str, torch.Tensor]:

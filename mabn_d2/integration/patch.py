@@ -65,6 +65,11 @@ from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY
 from fvcore.common.registry import Registry
 from torch import nn
 
+from ..detectron2_compat import (
+    MODEL_LOADING_ATTRIBUTE,
+    checkpointer_model_loading,
+    wrap_checkpointer_model_loading,
+)
 from ..finetune.checkpoint import load_model_with_mabn_conversion
 from .conv import CentralizedConv2d, centralizes
 from .norm import (
@@ -98,7 +103,7 @@ MODEL_REGISTRIES: tuple[Registry, ...] = (
 PATCHED: tuple[tuple[object, str], ...] = (
     (d2_batch_norm, "get_norm"),
     (Conv2d, "__init__"),
-    (DetectionCheckpointer, "_load_model"),
+    MODEL_LOADING_ATTRIBUTE,  # DetectionCheckpointer's model-loading step
 )
 
 
@@ -189,15 +194,15 @@ def _wrap_registry(registry: Registry) -> bool:
 def _patch_checkpointer() -> bool:
     """Item 4: convert checkpoints for MABN models in ``DetectionCheckpointer._load_model``
     (before detectron2's name matching and fvcore's shape filter drop what does not fit)."""
-    original = DetectionCheckpointer._load_model
+    original = checkpointer_model_loading()
     if _is_wrapped(original):
         return False
 
     @functools.wraps(original)
-    def _load_model(self: DetectionCheckpointer, checkpoint: dict[str, Any]) -> Any:
+    def load_model(self: DetectionCheckpointer, checkpoint: dict[str, Any]) -> Any:
         return load_model_with_mabn_conversion(self, checkpoint, original)
 
-    DetectionCheckpointer._load_model = _mark(_load_model)
+    wrap_checkpointer_model_loading(_mark(load_model))
     return True
 
 

@@ -14,6 +14,7 @@ from detectron2.modeling import build_backbone
 
 import mabn_d2
 from mabn_d2 import MABN2d, MABNCheckpointError
+from mabn_d2.detectron2_compat import checkpointer_model_loading
 from mabn_d2.finetune.convert import SOURCE_MABN
 
 from helpers import import_script, run_tool, small_backbone_cfg
@@ -176,8 +177,8 @@ c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared wit
 
 
 def test_checkpointer_patch_is_idempotent():
-    load_model = DetectionCheckpointer._load_model
+    load_model = checkpointer_model_loading()
     mabn_d2.register_mabn()
     mabn_d2.register_mabn()
-    assert DetectionCheckpointer._load_model is load_model
+    assert checkpointer_model_loading() is load_model
     assert not getattr(load_model.__wrapped__, "_mabn_d2_wrapped", False)  # wrapped once

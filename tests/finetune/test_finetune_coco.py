@@ -16,6 +16,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from mabn_d2 import CentralizedConv2d, MABN2d
+from mabn_d2.detectron2_compat import trainer_hooks
 from mabn_d2.engine import MABNTrainer
 from mabn_d2.engine.hooks import MABNCalibrationHook, MABNPreciseBN
 from mabn_d2.finetune.convert import SOURCE_AFFINE, SOURCE_BN, SOURCE_NEW
@@ -198,8 +199,8 @@ def test_mabn_trainer_calibrates_a_caffe2_checkpoint_then_trains(c2_pkl, tmp_pat
     trainer = MABNTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
-    calibration = next(h for h in trainer._hooks if isinstance(h, MABNCalibrationHook))
-    precise = next(h for h in trainer._hooks if isinstance(h, MABNPreciseBN))
+    calibration = next(h for h in trainer_hooks(trainer) if isinstance(h, MABNCalibrationHook))
+    precise = next(h for h in trainer_hooks(trainer) if isinstance(h, MABNPreciseBN))
     assert len(calibration.report.updated) == N_BACKBONE_NORMS
     assert sorted(calibration.backward_report.updated) == sorted(calibration.report.updated)
     assert calibration.report.num_batches == 2

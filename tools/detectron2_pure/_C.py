@@ -14,9 +14,9 @@ from typing import NoReturn
 _HOW_TO_FIX = (
     "this detectron2 is the pure-Python v0.6 source install made by mabn_d2's "
     "tools/install_detectron2.py, without the compiled extension detectron2._C. "
-    "Install detectron2 from https://github.com/facebookresearch/detectron2 "
-    "(python -m pip install 'git+https://github.com/facebookresearch/detectron2.git') "
-    "to get it, or avoid this op (use COCOEvaluator(..., use_fast_impl=False))."
+    "Install detectron2 upstream main with its compiled ops to get it (python "
+    "tools/install_detectron2.py --force --source git, or --source with its source tarball; "
+    "docs/install.md), or avoid this op (use COCOEvaluator(..., use_fast_impl=False))."
 )
 
 
