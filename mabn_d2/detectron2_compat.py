@@ -5,10 +5,10 @@ ops, and the v0.6 Python sources (the installer's fallback). Both report
 ``detectron2.__version__ == "0.6"``, so they are told apart by what they have (the compiled
 extension, the newer functions), never by the version string.
 
-Everything here is a seam with a test on both stacks (tests/test_detectron2_compat.py): a
-private name that changes upstream breaks one function here, and its test says which. The
-rest of the package and its tools use only detectron2's and fvcore's public API and these
-functions (tests/test_detectron2_compat.py checks that too).
+Everything here is a seam with a test on both stacks
+(tests/integration/test_detectron2_compat.py): a private name that changes upstream breaks one
+function here, and its test says which. The rest of the package and its tools use only
+detectron2's and fvcore's public API and these functions (the same test file checks that too).
 """
 
 from __future__ import annotations

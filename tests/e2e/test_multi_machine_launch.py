@@ -7,19 +7,20 @@ config (machine 1's OUTPUT_DIR, a disk of its own, holds only detectron2's per-r
 ``log.txt.rank1``); and the synchronised MABN statistics equal those of one process with the
 same total batch (2 images): the forward statistics (``running_second_moment``,
 ``chi2_buffer``, ``num_batches_tracked``), to rtol 1e-4, atol 1e-5. The layer-level test
-(tests/test_distributed.py, float64) holds 1e-10; through this float32 network, convolutions of
-1 image instead of 2 and an all-reduce instead of one sum reorder the float32 sums, and the
-difference grows with depth: measured up to 1.6e-5 relative in the deepest layers (upstream
-main; within 1e-5 on the v0.6 run). The backward statistics (``psi_buffer``) follow the
-loss gradients, which the RPN/ROI samplers make differ (below); tests/test_distributed.py
-checks their synchronisation on a layer with the same gradients.
+(tests/layer/test_distributed.py, float64) holds 1e-10; through this float32 network,
+convolutions of 1 image instead of 2 and an all-reduce instead of one sum reorder the float32
+sums, and the difference grows with depth: measured up to 1.6e-5 relative in the deepest
+layers (upstream main; within 1e-5 on the v0.6 run). The backward statistics (``psi_buffer``)
+follow the loss gradients, which the RPN/ROI samplers make differ (below);
+tests/layer/test_distributed.py checks their synchronisation on a layer with equal gradients.
 
-Why the exact comparison holds: every image is resized to a 64-px long side and padded to the
-same 64x64 (coco_mini's aspect ratios are below 2), without flips or data workers, so each
-process sees exactly the images that the one-process batch holds, padded alike; the model
-starts from the same seed (rank 0's). ``SOLVER.BASE_LR 0`` keeps the weights at that start:
-with a learning rate, the RPN/ROI samplers' per-process random streams (detectron2 seeds rank
-r with SEED + r) make the gradients of the two runs differ, and with them later statistics.
+Why both runs compute the same statistics: every image is resized to a 64-px long side and
+padded to the same 64x64 (coco_mini's aspect ratios are below 2), without flips or data
+workers, so each process sees exactly the images that the one-process batch holds, padded
+alike; the model starts from the same seed (rank 0's). ``SOLVER.BASE_LR 0`` keeps the weights
+at that start: with a learning rate, the RPN/ROI samplers' per-process random streams
+(detectron2 seeds rank r with SEED + r) make the gradients of the two runs differ, and with
+them later statistics.
 """
 
 from __future__ import annotations
