@@ -75,6 +75,48 @@ def test_tests_import_no_test_module_and_their_names_are_unique():
     assert not offenders, offenders
 
 
+def package_imports(path: Path) -> set[str]:
+    """The mabn_d2 modules ``path`` imports (anywhere in it, relative imports resolved)."""
+    module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            target = ".".join([*base, *([node.module] if node.module else [])])
+            found.add(target)
+            found |= {f"{target}.{alias.name}" for alias in node.names}  # submodules
+    return {name for name in found if name.split(".")[0] == "mabn_d2"}
+
+
+def test_package_parts_depend_one_way():
+    # Parts: the subpackages and the root's modules; the root __init__ is the facade over all.
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "__init__.py":
+            continue
+        part = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        for name in package_imports(path):
+            other = name.split(".")[1] if "." in name else part
+            if other != part and ((PACKAGE / other).is_dir() or (PACKAGE / f"{other}.py").exists()):
+                graph.setdefault(part, set()).add(other)
+    assert graph.get("kernels", set()) == set(), graph["kernels"]  # the bottom
+    assert graph.get("layer", set()) <= {"kernels"}, graph["layer"]
+
+    def cycle_from(start: str, path: list[str]) -> list[str] | None:
+        for nxt in sorted(graph.get(path[-1], ())):
+            if nxt == start:
+                return [*path, nxt]
+            if nxt not in path and (found := cycle_from(start, [*path, nxt])):
+                return found
+        return None
+
+    cycles = [c for part in sorted(graph) if (c := cycle_from(part, [part]))]
+    assert not cycles, f"package parts import each other: {cycles[0]} ({graph})"
+
+
 def test_layer_and_kernels_never_import_detectron2():
     for path in python_files("mabn_d2/layer", "mabn_d2/kernels"):
         assert not any(m.split(".")[0] == "detectron2" for m in imported_modules(path)), path

@@ -45,8 +45,8 @@ from tabulate import tabulate
 from torch import Tensor, nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from ..integration.conv import CentralizedConv2d
 from ..layer import MABN2d
+from ..layer.centralization import CentralizesWeight
 from .convert import (
     BN_KEYS,
     MABN_KEYS,
@@ -381,7 +381,7 @@ def convert_checkpoint_for_model(
         consumed |= converter.consumed
         converted.update(entries)
         report.layers.append(load)
-        if load.source in (SOURCE_BN, *NO_STATISTICS) and isinstance(conv, CentralizedConv2d):
+        if load.source in (SOURCE_BN, *NO_STATISTICS) and isinstance(conv, CentralizesWeight):
             report.centralized_pretrained.append(conv_name)
     for key, value in state.items():
         if key not in consumed:
