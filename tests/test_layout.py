@@ -1,4 +1,4 @@
-"""The package's architecture, as the README describes it, holds in the code."""
+"""The package's architecture, as docs/architecture.md describes it, holds in the code."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_readme_layout_lists_every_module_of_the_package():
-    readme = (REPO / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):]
+def test_documented_layout_lists_every_module_of_the_package():
+    architecture = (REPO / "docs" / "architecture.md").read_text()
+    layout = architecture[architecture.index("## Layout"):]
     layout = layout[:layout.index("```", layout.index("```") + 3)]
     folder = ""
     listed = set()
@@ -48,7 +48,7 @@ def test_readme_layout_lists_every_module_of_the_package():
     folders = {str(p.parent.relative_to(PACKAGE)) + "/" for p in PACKAGE.rglob("*.py")
                if p.parent != PACKAGE}
     missing = sorted(m for m in modules if m not in listed and m.split("/")[-1] not in listed)
-    assert not missing, f"README Layout does not list: {missing}"
+    assert not missing, f"docs/architecture.md's Layout does not list: {missing}"
     assert all(f in layout for f in folders), folders
 
 
