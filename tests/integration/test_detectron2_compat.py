@@ -114,7 +114,7 @@ def test_inner_trainer_of_the_mabn_trainer(tmp_path):
     """DefaultTrainer's inner SimpleTrainer, and its hooks (a tiny Mask R-CNN on coco_mini)."""
     require_coco_mini()
     from mabn_d2.engine import MABNTrainer, get_mabn_cfg
-    from mabn_d2.engine.checkpoint_io import AtomicCheckpointer
+    from mabn_d2.engine.atomic_checkpointer import AtomicCheckpointer
 
     cfg = get_mabn_cfg()
     cfg.merge_from_file(str(CONFIGS / "tiny" / "mask_rcnn_R_18_FPN_tiny_mabn_coco.yaml"))
