@@ -1,4 +1,4 @@
-"""The package's architecture, as the README describes it, holds in the code."""
+"""The package's architecture, as docs/architecture.md describes it, holds in the code."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_readme_layout_lists_every_module_of_the_package():
-    readme = (REPO / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):]
+def test_documented_layout_lists_every_module_of_the_package():
+    architecture = (REPO / "docs" / "architecture.md").read_text()
+    layout = architecture[architecture.index("## Layout"):]
     layout = layout[:layout.index("```", layout.index("```") + 3)]
     folder = ""
     listed = set()
@@ -48,7 +48,7 @@ def test_readme_layout_lists_every_module_of_the_package():
     folders = {str(p.parent.relative_to(PACKAGE)) + "/" for p in PACKAGE.rglob("*.py")
                if p.parent != PACKAGE}
     missing = sorted(m for m in modules if m not in listed and m.split("/")[-1] not in listed)
-    assert not missing, f"README Layout does not list: {missing}"
+    assert not missing, f"docs/architecture.md's Layout does not list: {missing}"
     assert all(f in layout for f in folders), folders
 
 
@@ -73,6 +73,48 @@ def test_tests_import_no_test_module_and_their_names_are_unique():
     pattern = re.compile(r"^\s*(from|import)\s+test_\w+", re.MULTILINE)
     offenders = [str(p.relative_to(REPO)) for p in files if pattern.search(p.read_text())]
     assert not offenders, offenders
+
+
+def package_imports(path: Path) -> set[str]:
+    """The mabn_d2 modules ``path`` imports (anywhere in it, relative imports resolved)."""
+    module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            target = ".".join([*base, *([node.module] if node.module else [])])
+            found.add(target)
+            found |= {f"{target}.{alias.name}" for alias in node.names}  # submodules
+    return {name for name in found if name.split(".")[0] == "mabn_d2"}
+
+
+def test_package_parts_depend_one_way():
+    # Parts: the subpackages and the root's modules; the root __init__ is the facade over all.
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "__init__.py":
+            continue
+        part = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        for name in package_imports(path):
+            other = name.split(".")[1] if "." in name else part
+            if other != part and ((PACKAGE / other).is_dir() or (PACKAGE / f"{other}.py").exists()):
+                graph.setdefault(part, set()).add(other)
+    assert graph.get("kernels", set()) == set(), graph["kernels"]  # the bottom
+    assert graph.get("layer", set()) <= {"kernels"}, graph["layer"]
+
+    def cycle_from(start: str, path: list[str]) -> list[str] | None:
+        for nxt in sorted(graph.get(path[-1], ())):
+            if nxt == start:
+                return [*path, nxt]
+            if nxt not in path and (found := cycle_from(start, [*path, nxt])):
+                return found
+        return None
+
+    cycles = [c for part in sorted(graph) if (c := cycle_from(part, [part]))]
+    assert not cycles, f"package parts import each other: {cycles[0]} ({graph})"
 
 
 def test_layer_and_kernels_never_import_detectron2():

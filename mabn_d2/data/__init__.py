@@ -8,11 +8,10 @@ from .demo import (
     DEMO_SPLITS,
     DEMO_TRAIN,
     DEMO_VAL,
-    demo_root,
     ensure_demo_dataset,
     register_demo_datasets,
 )
-from .shapes import CATEGORIES, ShapesSpec, draw_image, write_split
+from .shapes import CATEGORIES, ShapesSpec, write_split
 from .user_coco import add_dataset_config, check_num_classes, register_coco_from_cfg
 
 register_demo_datasets()
@@ -25,8 +24,6 @@ __all__ = [
     "ShapesSpec",
     "add_dataset_config",
     "check_num_classes",
-    "demo_root",
-    "draw_image",
     "ensure_demo_dataset",
     "register_coco_from_cfg",
     "register_demo_datasets",

@@ -26,7 +26,6 @@ __all__ = [
     "DEMO_SPLITS",
     "DEMO_TRAIN",
     "DEMO_VAL",
-    "demo_root",
     "ensure_demo_dataset",
     "register_demo_datasets",
 ]

@@ -23,7 +23,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image
 
-__all__ = ["CATEGORIES", "GENERATOR_VERSION", "ShapesSpec", "draw_image", "write_split"]
+__all__ = ["CATEGORIES", "GENERATOR_VERSION", "ShapesSpec", "write_split"]
 
 # Bump when the drawing changes, so stale copies on disk are regenerated.
 GENERATOR_VERSION = 1

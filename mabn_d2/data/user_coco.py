@@ -35,7 +35,6 @@ __all__ = [
     "check_num_classes",
     "check_dataset_classes",
     "drop_invalid_annotations",
-    "CHECKED_ANNOTATIONS_DIR",
 ]
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..integration.conv import CentralizedConv2d
 from ..layer import MABN2d, centralize_weight
 
-__all__ = ["fuse_mabn", "fold_mabn_into_conv", "mabn_scale_shift"]
+__all__ = ["fuse_mabn",]
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,6 @@ __all__ = [
     "has_compiled_coco_eval",
     "coco_evaluator",
     "build_coco_evaluator",
-    "save_eval_results",
-    "summary_table",
     "report_eval_results",
 ]
 

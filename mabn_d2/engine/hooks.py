@@ -40,9 +40,10 @@ logger = logging.getLogger(__name__)
 
 class MABNCalibrationHook(HookBase):
     """Before the first iteration, calibrate the MABN layers converted from a checkpoint
-    (:func:`mabn_d2.calibrate_mabn`; which layers: :func:`mabn_d2.calibration.
-    layers_to_calibrate` for ``mode``). Runs after ``resume_or_load``, so a resumed MABN run
-    (layers from an MABN checkpoint) is not calibrated again."""
+    (:func:`mabn_d2.calibrate_mabn`; which layers:
+    :func:`mabn_d2.finetune.calibration.layers_to_calibrate` for ``mode``). Runs after
+    ``resume_or_load``, so a resumed MABN run (layers from an MABN checkpoint) is not
+    calibrated again."""
 
     def __init__(self, model: nn.Module, data_loader: Iterable[Any] | Callable[[], Iterable[Any]],
                  num_batches: int, mode: str = "auto", backward: bool = True) -> None:

@@ -14,7 +14,7 @@ machinery it shares with the YACS path (:class:`~mabn_d2.engine.MABNTrainer`):
 * MABN calibration before fine-tuning from BN checkpoints and PreciseBN
   (:func:`lazy_mabn_hooks`, :mod:`mabn_d2.engine.hooks`).
 
-The keys read besides detectron2's ``configs/common/train.py`` ones, all optional:
+The keys read besides those of detectron2's model-zoo ``common/train.py``, all optional:
 ``train.seed``, ``train.mabn_calibration`` (``mode``, ``num_batches``, ``backward``: YAML's
 ``MODEL.MABN.CALIBRATION``) and ``train.precise_bn`` (``enabled``, ``num_iter``: YAML's
 ``TEST.PRECISE_BN``, run at ``train.eval_period``). ``dataloader.evaluator=null`` on the

@@ -164,7 +164,7 @@ class MABNTrainer(DefaultTrainer):
         the evaluation (so that what they change is saved and evaluated).
 
         MABN calibration before training (``MODEL.MABN.CALIBRATION``) and MABN PreciseBN
-        (``TEST.PRECISE_BN``), see :mod:`mabn_d2.hooks`; the batch-statistics recorder
+        (``TEST.PRECISE_BN``), see :mod:`mabn_d2.engine.hooks`; the batch-statistics recorder
         appends its own here.
         """
         cfg = self.cfg.clone()

@@ -15,16 +15,16 @@ detectron2 does. For a model with MABN layers it works on the checkpoint's state
    aligned with ``align_and_update_state_dicts`` against the model's keys *plus* the BN keys
    each MABN layer can be converted from;
 2. every MABN layer is filled (see :class:`MABNLoadReport` for the cases): from MABN entries
-   as they are, from BN/FrozenBN entries by the exact fold (:func:`mabn_d2.convert.fold_bn`),
-   from a Caffe2 frozen affine (``_bn_s``, ``_bn_b``) by the same fold with no statistics, from
-   a norm-less conv (its bias) as an identity; or left to its initialization when the
-   checkpoint has nothing for it or its conv;
+   as they are, from BN/FrozenBN entries by the exact fold
+   (:func:`mabn_d2.finetune.convert.fold_bn`), from a Caffe2 frozen affine (``_bn_s``,
+   ``_bn_b``) by the same fold with no statistics, from a norm-less conv (its bias) as an
+   identity; or left to its initialization when the checkpoint has nothing for it or its conv;
 3. anything that would be dropped or left half-loaded is an :class:`MABNCheckpointError`:
    shape or buffer-size mismatches of a norm layer or the conv feeding it, partial MABN
    state, entries of an unknown layout, statistics that match no layer;
 4. detectron2 then loads the converted state dict (other layers as usual) and the report
    is logged; each MABN layer records its source in ``converted_from`` for
-   :mod:`mabn_d2.calibration`.
+   :mod:`mabn_d2.finetune.calibration`.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from tabulate import tabulate
 from torch import Tensor, nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from ..integration.conv import CentralizedConv2d
 from ..layer import MABN2d
+from ..layer.centralization import CentralizesWeight
 from .convert import (
     BN_KEYS,
     MABN_KEYS,
@@ -94,7 +94,7 @@ class MABNCheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class LayerLoad:
-    """How one MABN layer was filled: ``source`` is one of ``mabn_d2.convert.SOURCE_*``."""
+    """How one MABN layer was filled: ``source`` is one of ``mabn_d2.finetune.convert.SOURCE_*``."""
 
     name: str
     source: str
@@ -381,7 +381,7 @@ def convert_checkpoint_for_model(
         consumed |= converter.consumed
         converted.update(entries)
         report.layers.append(load)
-        if load.source in (SOURCE_BN, *NO_STATISTICS) and isinstance(conv, CentralizedConv2d):
+        if load.source in (SOURCE_BN, *NO_STATISTICS) and isinstance(conv, CentralizesWeight):
             report.centralized_pretrained.append(conv_name)
     for key, value in state.items():
         if key not in consumed:

@@ -26,7 +26,7 @@ from .convert import (
     group_by_module,
 )
 
-__all__ = ["convert_checkpoint_file", "read_checkpoint"]
+__all__ = ["convert_checkpoint_file",]
 
 _NORM_NAME = re.compile(r"(^|\.)(norm|bn\d*)$")
 

@@ -15,12 +15,12 @@ and an MABN layer in eval mode is ``y = weight * x / sqrt(s + eps) + bias``. Cho
 gives the same function. A frozen affine without statistics (Caffe2 ``AffineChannel``, as in
 the MSRA ``R-50.pkl``) is folded like detectron2's ``FrozenBatchNorm2d`` loads it (mean 0,
 var 1): exact too, but ``s = 1`` describes no data, so such layers are marked as lacking
-statistics and :mod:`mabn_d2.calibration` measures them before training.
+statistics and :mod:`mabn_d2.finetune.calibration` measures them before training.
 
 :func:`convert_bn_to_mabn` converts the modules of any PyTorch model;
 :func:`convert_bn_state_dict` converts the entries of a checkpoint without a model (used by
 ``tools/convert_checkpoint.py``). Loading a BN checkpoint into an MABN model through
-detectron2's ``DetectionCheckpointer`` is :mod:`mabn_d2.checkpoint`.
+detectron2's ``DetectionCheckpointer`` is :mod:`mabn_d2.finetune.checkpoint`.
 """
 
 from __future__ import annotations

@@ -39,10 +39,7 @@ from ..kernels import statistics_dtype
 from ..layer import MABN2d
 
 __all__ = [
-    "STAT_NAMES",
     "NORM_TYPES",
-    "forward_statistics",
-    "backward_statistics",
     "find_norm_layers",
     "BatchStatsRecorder",
     "BatchStatsHook",

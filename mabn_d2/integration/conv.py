@@ -17,11 +17,12 @@ from detectron2.layers import Conv2d
 from torch import Tensor, nn
 
 from ..layer import MABN2d, centralize_weight
+from ..layer.centralization import CentralizesWeight
 
 __all__ = ["CentralizedConv2d", "centralize_convs_feeding_mabn", "uncentralize_convs"]
 
 
-class CentralizedConv2d(Conv2d):
+class CentralizedConv2d(Conv2d, CentralizesWeight):
     """detectron2 ``Conv2d`` (with its ``norm`` and ``activation``) on a centralized weight."""
 
     def forward(self, x: Tensor) -> Tensor:

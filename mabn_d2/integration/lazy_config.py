@@ -43,11 +43,8 @@ from .config import CalibrationSettings, calibration_from_mapping
 from .norm import NORM_NAME, UnknownNormError
 
 __all__ = [
-    "SETTINGS_NODE",
-    "CALIBRATION_NODE",
     "derive_settings",
     "target_of",
-    "find_mabn_nodes",
     "validate_lazy_config",
     "calibration_from_lazy",
 ]

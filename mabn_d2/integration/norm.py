@@ -29,7 +29,6 @@ from .conv import uncentralize_convs
 __all__ = [
     "NORM_NAME",
     "UnknownNormError",
-    "active_settings",
     "use_settings",
     "build_mabn_norm",
     "valid_norm_names",

@@ -1,4 +1,4 @@
-"""Memory-bound per-channel kernels used by :mod:`mabn_d2.functional`, and their dispatch.
+"""Memory-bound per-channel kernels used by :mod:`mabn_d2.layer.functional`, and their dispatch.
 
 Each kernel is one pass over activation memory in layout ``(N, C, H, W)``:
 

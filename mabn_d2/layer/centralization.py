@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["centralize_weight"]
+__all__ = ["CentralizesWeight", "centralize_weight"]
+
+
+class CentralizesWeight:
+    """Marks a convolution that computes with :func:`centralize_weight` of its weight
+    (:class:`mabn_d2.CentralizedConv2d` is one): lets the checkpoint loading
+    (:mod:`mabn_d2.finetune`), which sits below the detectron2 integration, recognise it."""
 
 
 def centralize_weight(weight: Tensor) -> Tensor:

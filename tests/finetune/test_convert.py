@@ -175,7 +175,7 @@ c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared wit
 
 
 def torchvision_to_detectron2(state: dict) -> dict:
-    """detectron2's tools/convert-torchvision-to-d2.py renaming (numpy values)."""
+    """The renaming of detectron2's convert-torchvision-to-d2.py tool (numpy values)."""
     renamed = {}
     for key, value in state.items():
         new = key if "layer" in key else "stem." + key

@@ -56,8 +56,8 @@ def test_an_anchor_that_is_missing_or_repeated_stops_everything_and_writes_nothi
     assert lines == ["b.py (x1): as upstream X", "a.py (x2): as upstream Z"]
 
 
-def test_every_edit_names_its_upstream_change_in_the_installer_and_the_readme():
-    rows = [line for line in (REPO / "README.md").read_text().splitlines()
+def test_every_edit_names_its_upstream_change_in_the_installer_and_the_docs():
+    rows = [line for line in (REPO / "docs" / "install.md").read_text().splitlines()
             if line.startswith("| ")]
     for edit in installer.SOURCE_EDITS:
         assert edit.upstream.startswith(installer.UPSTREAM + "/"), edit

@@ -1,9 +1,9 @@
 """Checks of MABN on one device, shared by the CUDA tier and its CPU variants.
 
-Each ``check_*`` function takes the device to run on. ``tests/test_cuda.py`` (marked ``cuda``)
-calls them with ``"cuda"``; ``tests/kernels/test_device_checks.py`` calls the same functions on the
-CPU (or, for the host-sync check, on the ``meta`` device, where any read of a tensor value on
-the host raises), so that the logic of every CUDA check has run before it first meets a GPU.
+Each ``check_*`` function takes the device to run on. ``tests/kernels/test_device_checks.py``
+calls them with ``"cuda"`` (tests marked ``cuda``) and the same functions on the CPU (or, for
+the host-sync check, on the ``meta`` device, where any read of a tensor value on the host
+raises), so that the logic of every CUDA check has run before it first meets a GPU.
 
 References are computed on the CPU in float64 with the plain kernels: ``MABN2d`` there is the
 layer that ``tests/layer/test_mabn_reference.py`` holds to an independent transcription of the

@@ -18,7 +18,7 @@ from mabn_d2 import MABN2d, MABNSettings, add_mabn_config, settings_from_cfg
 from mabn_d2.integration.config import calibration_from_cfg, centralize_exclude_from_cfg
 from mabn_d2.layer.settings import DEFAULTS, SETTINGS
 
-from helpers import small_backbone_cfg
+from helpers import REPO, small_backbone_cfg
 
 INF, NAN = math.inf, math.nan
 NOT_BOOLS = (1, 0, "True", None)
@@ -173,4 +173,6 @@ def test_the_table_drives_the_layer_signature_the_dataclass_and_the_yaml_node():
     assert {s.key: node[s.key] for s in SETTINGS} == {s.key: s.default for s in SETTINGS}
     doc = add_mabn_config.__doc__
     assert all(f"``{s.key}`` ({s.default!r}): {s.doc}" in doc for s in SETTINGS), doc
+    readme = (REPO / "README.md").read_text()  # its config-keys table
+    assert all(f"| `{s.key}` | {s.default!r} |" in readme for s in SETTINGS)
 
