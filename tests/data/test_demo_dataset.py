@@ -87,6 +87,7 @@ def test_demo_copy_is_coco_with_a_held_out_val_split(demo_copy):
     assert not digests[DEMO_TRAIN] & digests[DEMO_VAL]
 
 
+@pytest.mark.e2e  # writes the whole demo dataset twice
 def test_demo_copy_is_regenerated_when_stale_or_incomplete(demo_copy):
     val_json = demo_copy / "annotations" / "instances_val.json"
     original = val_json.read_bytes()

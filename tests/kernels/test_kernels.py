@@ -224,6 +224,7 @@ def test_build_failure_falls_back_to_plain_with_a_warning(tmp_path):
     assert "could not build the C++ CPU kernels" in result.stderr  # logged too
 
 
+@pytest.mark.e2e  # a child Python under Triton's interpreter
 def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     if problem := triton_interpreter_problem():

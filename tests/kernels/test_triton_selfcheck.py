@@ -107,6 +107,7 @@ def test_triton_on_the_cpu_only_when_chosen_under_the_interpreter(monkeypatch):
     assert kernels.backend_for(x) != "triton"  # "auto" never picks the interpreter
 
 
+@pytest.mark.e2e  # a child Python under Triton's interpreter
 def test_real_triton_kernels_pass_and_an_uncompilable_one_falls_back():
     pytest.importorskip("triton")
     if problem := triton_interpreter_problem():
