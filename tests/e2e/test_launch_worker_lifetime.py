@@ -9,11 +9,7 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from helpers import REPO, subprocess_env
-
-pytestmark = pytest.mark.e2e
 
 LAUNCHER = """
 import sys

@@ -9,12 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from helpers import REPO, read_losses, run_training, sigkill_when, training_env
-
-pytestmark = pytest.mark.e2e
 
 WORKER = REPO / "tests" / "e2e" / "resume_worker.py"
 TOTAL = 8

@@ -10,8 +10,6 @@ import pytest
 
 from helpers import REPO, subprocess_env
 
-pytestmark = pytest.mark.e2e
-
 LOAD = """
 import warnings
 warnings.simplefilter("always")

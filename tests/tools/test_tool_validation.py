@@ -143,6 +143,7 @@ def shared_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.e2e  # a child process as another user
 def test_output_dir_without_write_permission_is_a_user_error(shared_dir):
     locked = shared_dir / "locked"
     locked.mkdir()
@@ -151,6 +152,7 @@ def test_output_dir_without_write_permission_is_a_user_error(shared_dir):
     assert "is not writable by this user" in _as_other_user("check", locked)
 
 
+@pytest.mark.e2e  # a child process as another user
 def test_a_finished_runs_lock_file_of_another_user_does_not_block(shared_dir):
     out = shared_dir / "shared_out"
     out.mkdir()
@@ -302,6 +304,7 @@ def test_num_gpus_minus_one_is_refused_by_both_training_tools(tmp_path, capsys):
     assert code == 2 and "--num-gpus must be an integer >= 0" in captured.err
 
 
+@pytest.mark.e2e  # a command-line run
 def test_register_coco_with_a_missing_image_is_refused_before_training(tmp_path):
     """A subprocess: the set-up before registration installs detectron2's log handlers on
     this process's streams."""
