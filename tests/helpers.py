@@ -255,7 +255,7 @@ def triton_interpreter_problem() -> str | None:
 
 
 def record_pid_and_sleep(folder: str) -> None:
-    """A launched worker (tests/test_launch_worker_lifetime.py): write
+    """A launched worker (tests/e2e/test_launch_worker_lifetime.py): write
     ``worker_<rank>.pid`` into ``folder``, then wait to be ended."""
     from detectron2.utils import comm
 

@@ -169,11 +169,10 @@ class AtomicCheckpointer(ReadAheadCheckpointer):
                                       "of a checkpoint (e.g. OUTPUT_DIR/model_final.pth)")
         return super().load(path, checkpointables)
 
-    def _load_file(self, filename: str) -> dict[str, Any]:  # called by load() only
-        try:
-            return super()._load_file(filename)
-        except Exception as error:  # torch/pickle: EOFError, UnpicklingError, RuntimeError, ...
-            raise CheckpointReadError.unreadable(self.weights_key, filename, error) from error
+    def on_read_error(self, filename: str, error: Exception) -> None:
+        """``load`` could not read ``filename`` (torch/pickle: EOFError, UnpicklingError,
+        RuntimeError, ...): a :class:`CheckpointReadError` naming :attr:`weights_key`."""
+        raise CheckpointReadError.unreadable(self.weights_key, filename, error) from error
 
 
 def load_eval_weights(checkpointer: AtomicCheckpointer, weights: str, resume: bool, *,
