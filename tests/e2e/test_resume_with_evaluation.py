@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import REPO, read_losses, run_training, sigkill_when, training_env
+from helpers import REPO, TINY, read_losses, run_training, sigkill_when, training_env
 
 WORKER = REPO / "tests" / "e2e" / "resume_worker.py"
 TOTAL = 8
@@ -34,7 +34,8 @@ def small_val_set(coco_mini: Path, folder: Path) -> str:
 
 
 def command(losses: Path, out: Path, register: str, *extra: object) -> list[str]:
-    return [sys.executable, str(WORKER), str(losses), *map(str, extra), "OUTPUT_DIR", str(out),
+    return [sys.executable, str(WORKER), str(losses), "--config-file", str(TINY),
+            *map(str, extra), "OUTPUT_DIR", str(out),
             "DATASETS.REGISTER_COCO", register, "DATASETS.TEST", "('val3',)", *map(str, OPTS)]
 
 
