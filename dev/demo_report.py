@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mabn_d2.cli import float_at_least, int_at_least
+
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_FILE = REPO / "configs" / "demo" / "expected_results.json"
 METRICS = {"box_AP": ("bbox", "box AP"), "mask_AP": ("segm", "mask AP")}
@@ -146,8 +148,8 @@ def report(run: Run, expected: dict, sections: Sequence[Section] = SECTIONS) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("output/demo"))
-    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the run")
-    parser.add_argument("--seconds", type=float, help="wall time of the run")
+    parser.add_argument("--threads", type=int_at_least(1), help="OMP_NUM_THREADS of the run")
+    parser.add_argument("--seconds", type=float_at_least(0.0), help="wall time of the run")
     parser.add_argument("--expected", type=Path, default=EXPECTED_FILE)
     args = parser.parse_args(argv)
     run = Run(args.output_dir, args.threads, args.seconds)

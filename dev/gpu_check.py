@@ -38,6 +38,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import math
 import os
 import platform
 import subprocess
@@ -280,6 +281,19 @@ def markdown_report(report: dict, benchmark_markdown: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _budget_seconds(text: str) -> float:
+    """``--budget-s``: a finite number of seconds >= 0 (0: every part reported as not run;
+    argparse names the option, exit 2).
+    This script runs on a bare GPU machine before mabn_d2 is installed: no package import."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheelhouse", type=Path, help="folder of wheels to install first")
@@ -289,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="report folder")
     parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                         help=f"comma-separated, in order; from {', '.join(ALL_PARTS)}")
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+    parser.add_argument("--budget-s", type=_budget_seconds, default=DEFAULT_BUDGET_S,
                         help="total wall time for all parts")
     parser.add_argument("--quick", action="store_true", help="fewer benchmark repeats")
     parser.add_argument("--no-cuda", action="store_true",

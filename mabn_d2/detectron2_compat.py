@@ -189,7 +189,17 @@ class ReadAheadCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> dict[str, Any]:  # called by load() only
         read = self._read_ahead.pop(filename, None)
-        return read if read is not None else super()._load_file(filename)
+        if read is not None:
+            return read
+        try:
+            return super()._load_file(filename)
+        except Exception as error:
+            self.on_read_error(filename, error)
+            raise
+
+    def on_read_error(self, filename: str, error: Exception) -> None:
+        """Called when ``load`` cannot read ``filename``; override to raise a clearer error
+        (the default lets ``error`` through)."""
 
 
 class IncompatibleKeysCheckpointer(DetectionCheckpointer):

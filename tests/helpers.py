@@ -252,3 +252,40 @@ def triton_interpreter_problem() -> str | None:
         else:
             os.environ["TRITON_INTERPRET"] = previous
     return None
+
+
+def record_pid_and_sleep(folder: str) -> None:
+    """A launched worker (tests/e2e/test_launch_worker_lifetime.py): write
+    ``worker_<rank>.pid`` into ``folder``, then wait to be ended."""
+    from detectron2.utils import comm
+
+    (Path(folder) / f"worker_{comm.get_rank()}.pid").write_text(str(os.getpid()))
+    try:
+        time.sleep(600)
+    except KeyboardInterrupt:
+        # torch's spawn asks for SIGINT when the launcher dies; a trainer then runs its
+        # after_train hooks (a final evaluation, ...) and goes on as an orphan.
+        time.sleep(600)
+
+
+def training_env(coco_mini: Path) -> dict[str, str]:
+    """The environment of a training subprocess on the COCO subset, one thread."""
+    return {**os.environ, "DETECTRON2_DATASETS": str(coco_mini), "OMP_NUM_THREADS": "1"}
+
+
+def read_losses(path: Path) -> dict[int, float]:
+    """``{iteration: total_loss}`` of the JSON lines tests/e2e/resume_worker.py writes."""
+    import json
+
+    return {e["iteration"]: e["total_loss"]
+            for e in map(json.loads, path.read_text().splitlines())}
+
+
+def run_training(cmd: list[str], coco_mini: Path, timeout: float = 600) -> str:
+    """Run a training command to its end and return its output (stdout + stderr); fail the
+    test with the output's tail if it fails."""
+    proc = subprocess.run(cmd, env=training_env(coco_mini), cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    return output

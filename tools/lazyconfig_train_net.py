@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from collections.abc import Sequence
 
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
@@ -39,12 +41,9 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 
 import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
+from mabn_d2.cli import run_tool, strip_debug_flag
 from mabn_d2.detectron2_compat import start_data_loader_iterator
-from mabn_d2.engine.atomic_checkpointer import (
-    AtomicCheckpointer,
-    MissingWeightsError,
-    load_eval_weights,
-)
+from mabn_d2.engine.atomic_checkpointer import AtomicCheckpointer, load_eval_weights
 from mabn_d2.engine.launch import launch  # detectron2's launch; gloo processes without CUDA
 from mabn_d2.engine.lazy_training import (
     build_lazy_model,
@@ -53,7 +52,8 @@ from mabn_d2.engine.lazy_training import (
     lazy_setup,
     lazy_test,
 )
-from mabn_d2.engine.resume import RNGStates, continue_data_stream
+from mabn_d2.engine.resume import RNGStates, continue_data_stream, rng_states_kept
+from mabn_d2.validation import check_launch_args, load_lazy_cfg, validate_lazy_cfg
 
 logger = logging.getLogger("detectron2")
 
@@ -73,6 +73,7 @@ def do_train(args: argparse.Namespace, cfg) -> None:
     # The trainer's state holds the optimizer's (and AMP's grad scaler's); the random
     # generators are saved with it so that --resume continues exactly.
     checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer.weights_key = "train.init_checkpoint"
     checkpointer.add_checkpointable("rng_states", RNGStates())
     trainer.register_hooks(
         [
@@ -83,7 +84,8 @@ def do_train(args: argparse.Namespace, cfg) -> None:
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
             if comm.is_main_process()
             else None,
-            hooks.EvalHook(cfg.train.eval_period, lambda: lazy_test(cfg, model)),
+            # the evaluation leaves the training RNG streams alone (exact --resume)
+            hooks.EvalHook(cfg.train.eval_period, rng_states_kept(lambda: lazy_test(cfg, model))),
             hooks.PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter),
                 period=cfg.train.log_period,
@@ -106,31 +108,38 @@ def do_train(args: argparse.Namespace, cfg) -> None:
 
 
 def main(args: argparse.Namespace):
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    lazy_setup(cfg, args)
+    """One process's job (what ``launch`` runs)."""
+    cfg = load_lazy_cfg(args.config_file, args.opts)  # overrides checked key by key
+    lazy_setup(cfg, args)  # checks the values, then takes train.output_dir
 
     if args.eval_only:
         model = d2_defaults.create_ddp_model(build_lazy_model(cfg))
         checkpointer = AtomicCheckpointer(model, save_dir=cfg.train.output_dir)
-        try:
-            load_eval_weights(checkpointer, cfg.train.init_checkpoint, args.resume,
-                              weights_example="train.init_checkpoint=path/to/model.pth",
-                              output_key="train.output_dir")
-        except MissingWeightsError as error:
-            raise SystemExit(str(error)) from None
+        checkpointer.weights_key = "train.init_checkpoint"
+        load_eval_weights(checkpointer, cfg.train.init_checkpoint, args.resume,
+                          weights_example="train.init_checkpoint=path/to/model.pth",
+                          output_key="train.output_dir")
         return lazy_test(cfg, model)
     do_train(args, cfg)
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: arguments and config checked before any process starts or anything
+    is created; a user error is one message and exit code 2 (``--debug``: the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def run() -> None:
+        args = default_argument_parser().parse_args(strip_debug_flag(argv))
+        print("Command Line Args:", args)
+        check_launch_args(args)
+        if args.num_gpus * args.num_machines > 1:  # in-process runs check in lazy_setup
+            validate_lazy_cfg(load_lazy_cfg(args.config_file, args.opts),
+                              eval_only=args.eval_only, resume=args.resume)
+        launch(main, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+
+    return run_tool("lazyconfig_train_net.py", run, argv)
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    sys.exit(cli())

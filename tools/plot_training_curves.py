@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from mabn_d2.cli import UserError, run_tool, strip_debug_flag
+from mabn_d2.validation import check_output_dir
 
 __all__ = ["read_metrics", "plot_curves", "main"]
 
@@ -74,21 +78,34 @@ def plot_curves(records: Sequence[dict], out: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+_DEFAULT_NAME = "training_curves.png"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; a user error is one message and exit code 2 (``--debug`` or
+    ``MABN_D2_DEBUG=1``: with the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_tool("plot_training_curves.py", lambda: _run(strip_debug_flag(argv)), argv)
+
+
+def _run(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("metrics", type=Path, help="a run's OUTPUT_DIR/metrics.json")
-    parser.add_argument("--out", type=Path, help="PNG to write (default: training_curves.png "
-                        "beside metrics.json)")
+    parser.add_argument("--out", help="PNG to write, or a folder (an existing one, or a path "
+                        "ending in /) to write training_curves.png into (default: beside "
+                        "metrics.json)")
     args = parser.parse_args(argv)
     if not args.metrics.is_file():
-        print(f"plot_training_curves: {args.metrics} is not a file", file=sys.stderr)
-        return 2
-    out = args.out or args.metrics.with_name("training_curves.png")
+        raise UserError(f"{args.metrics} is not a file (give a run's OUTPUT_DIR/metrics.json)")
+    out = args.metrics.with_name(_DEFAULT_NAME)
+    if args.out:
+        is_folder = args.out.endswith(("/", os.sep)) or Path(args.out).is_dir()
+        out = Path(args.out) / _DEFAULT_NAME if is_folder else Path(args.out)
+    check_output_dir(str(out.parent), "--out")
     try:
         records = read_metrics(args.metrics)
     except ValueError as e:
-        print(f"plot_training_curves: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None
     plot_curves(records, out, title=str(args.metrics.parent))
     print(f"plot_training_curves: {len(records)} records -> {out}")
     return 0

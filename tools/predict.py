@@ -24,8 +24,11 @@ The predictors are :mod:`mabn_d2.engine.predictor`'s. ``--fuse`` folds the eval-
 layers into their convs first (:func:`mabn_d2.fuse_mabn`, the deployed form). The device is the
 config's ``MODEL.DEVICE`` (``--opts MODEL.DEVICE cuda``; in a LazyConfig
 ``train.device=cuda``). Images are resized as the config's test data are.
-A missing or unreadable image, and weights that do not fit the config's model, stop the run
-with a message naming them.
+Images are read one at a time (:func:`mabn_d2.data.image_io.read_image`: 16-bit and float
+images scaled to 8 bits, unknown scales refused), and every input gets its own picture
+(``x.png`` of two folders: ``x.png`` and ``x_2.png``). A missing or unreadable image, and
+weights that are not a checkpoint or do not fit the config's model, stop the run with one
+message naming them and exit code 2 (``--debug`` or ``MABN_D2_DEBUG=1``: the traceback).
 """
 
 from __future__ import annotations
@@ -42,13 +45,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
-from mabn_d2.engine.atomic_checkpointer import MissingWeightsError
-from mabn_d2.engine.predictor import WeightsMismatchError, load_predictor
+from mabn_d2.cli import UserError, run_tool, strip_debug_flag
+from mabn_d2.data.image_io import read_image
+from mabn_d2.engine.predictor import load_predictor
+from mabn_d2.validation import check_output_dir
 
 logger = logging.getLogger("mabn_d2.predict")
 
@@ -61,22 +65,37 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern))
             if not matches:
-                raise SystemExit(f"predict: --input pattern {pattern!r} matches no file")
+                raise UserError(f"--input pattern {pattern!r} matches no file")
             paths += [Path(m) for m in matches]
         elif not os.path.isfile(pattern):
-            raise SystemExit(f"predict: --input {pattern!r} is not a file")
+            raise UserError(f"--input {pattern!r} is not a file")
         else:
             paths.append(Path(pattern))
     return paths
 
 
 def load_image(path: Path) -> np.ndarray:
-    """``(H, W, 3)`` uint8 BGR, as ``DefaultPredictor`` takes it; errors name the file."""
-    try:
-        return read_image(str(path), format="BGR")
-    except Exception as e:  # PIL.UnidentifiedImageError, OSError, ...
-        raise SystemExit(f"predict: cannot read {path} as an image ({type(e).__name__}: {e})"
-                         ) from None
+    """``(H, W, 3)`` uint8 BGR, as ``DefaultPredictor`` takes it (:func:`mabn_d2.data.
+    image_io.read_image`: 16-bit and float images scaled, unknown scales refused); errors
+    name the file."""
+    return read_image(path, format="BGR")
+
+
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """One distinct picture name per input: its stem, and for a stem already taken (another
+    folder's ``x.png``) ``stem_2``, ``stem_3``, ... skipping every name another input owns
+    (``x_2.png`` keeps ``x_2``)."""
+    owned = {path.stem for path in paths}
+    used: set[str] = set()
+    names = []
+    for path in paths:
+        name, k = path.stem, 2
+        while name in used or (name != path.stem and name in owned):
+            name = f"{path.stem}_{k}"
+            k += 1
+        used.add(name)
+        names.append(name)
+    return names
 
 
 @dataclass(frozen=True)
@@ -128,7 +147,7 @@ def save_rgb(picture: np.ndarray, path: Path) -> None:
 def dataset_records(name: str, num_images: int) -> list[dict]:
     """The first ``num_images`` records of a registered dataset (its order)."""
     if name not in DatasetCatalog.list():
-        raise SystemExit(f"predict: --dataset {name!r} is not registered; registered: "
+        raise UserError(f"--dataset {name!r} is not registered; registered: "
                          f"{', '.join(sorted(DatasetCatalog.list()))}")
     return DatasetCatalog.get(name)[:num_images]
 
@@ -161,25 +180,26 @@ def _log_to_stderr() -> None:
 def run(args: argparse.Namespace) -> dict[str, list[Detection]]:
     """Predict every input; returns ``{image path: detections}`` (what it prints)."""
     if bool(args.input) == bool(args.dataset):
-        raise SystemExit("predict: give either --input images or --dataset NAME")
+        raise UserError("give either --input images or --dataset NAME")
     _log_to_stderr()
-    try:
-        predictor, names = load_predictor(args.config_file, args.opts, fuse=args.fuse)
-    except MissingWeightsError as error:
-        raise SystemExit(f"predict: {error}") from None
+    if args.output:
+        check_output_dir(args.output, "--output")  # before the model is built
+    predictor, names = load_predictor(args.config_file, args.opts, fuse=args.fuse)
     if args.dataset:
         records = dataset_records(args.dataset, args.num_images)
         items = [(Path(r["file_name"]), r) for r in records]
     else:
         items = [(path, None) for path in expand_inputs(args.input)]
-    images = [(path, load_image(path), record) for path, record in items]
     names = [args.dataset] if args.dataset else names
     metadata = MetadataCatalog.get(names[0] if names else "__unused")
     class_names = metadata.get("thing_classes", [])
     output = Path(args.output) if args.output else None
+    pictures = output_names([path for path, _ in items])
     results: dict[str, list[Detection]] = {}
-    used: set[str] = set()
-    for path, image, record in images:
+    written = 0
+    # One image at a time: memory does not grow with the number of inputs.
+    for (path, record), picture_name in zip(items, pictures):
+        image = load_image(path)
         instances = predictor(image)["instances"]
         found = detections(instances, class_names, args.confidence_threshold)
         results[str(path)] = found
@@ -193,11 +213,11 @@ def run(args: argparse.Namespace) -> dict[str, list[Detection]]:
             if record is not None:  # ground truth on the left, predictions on the right
                 picture = np.concatenate([draw_ground_truth(image, record, metadata), picture],
                                          axis=1)
-            name = path.stem if path.stem not in used else f"{path.stem}_{len(used)}"
-            used.add(name)
-            save_rgb(picture, output / f"{name}.png")
+            save_rgb(picture, output / f"{picture_name}.png")
+            written += 1
+        del image, instances
     if output is not None:
-        print(f"predict: {len(images)} pictures in {output}")
+        print(f"predict: {written} pictures in {output}")
     return results
 
 
@@ -228,12 +248,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except WeightsMismatchError as e:
-        print(f"predict: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """The command line; a user error is one message and exit code 2 (``--debug`` or
+    ``MABN_D2_DEBUG=1``: with the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_tool("predict.py", lambda: run(parse_args(strip_debug_flag(argv))), argv)
 
 
 if __name__ == "__main__":

@@ -18,39 +18,37 @@ detectron2's ``tools/train_net.py`` conventions, on :class:`mabn_d2.engine.MABNT
 
     # several processes without CUDA (gloo; MODEL.DEVICE cpu), e.g. to try DDP on a laptop
     python tools/train_net.py --num-gpus 2 --config-file CFG MODEL.DEVICE cpu
+
+``--num-gpus 0`` trains in this process, as 1 does (detectron2's ``launch``). A user error
+(a bad value, an unusable OUTPUT_DIR or weights file) is one message and exit code 2; add
+``--debug`` (or set ``MABN_D2_DEBUG=1``) for the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
 
 from detectron2.engine import default_argument_parser
 
 import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
+from mabn_d2.cli import run_tool, strip_debug_flag
 from mabn_d2.engine import MABNTrainer, setup_from_args
-from mabn_d2.engine.atomic_checkpointer import (
-    AtomicCheckpointer,
-    MissingWeightsError,
-    load_eval_weights,
-)
+from mabn_d2.engine.atomic_checkpointer import AtomicCheckpointer, load_eval_weights
 from mabn_d2.engine.launch import launch  # detectron2's launch; gloo processes without CUDA
-from mabn_d2.engine.output_lock import OutputDirBusyError
+from mabn_d2.validation import check_launch_args, load_yacs_cfg, validate_yacs_cfg
 
 
 def main(args: argparse.Namespace):
-    try:
-        cfg = setup_from_args(args)
-    except OutputDirBusyError as error:
-        raise SystemExit(f"train_net.py: {error}") from None
+    """One process's job (what ``launch`` runs)."""
+    cfg = setup_from_args(args)  # checks the config, then takes OUTPUT_DIR
     if args.eval_only:
         model = MABNTrainer.build_model(cfg)
         checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-        try:
-            load_eval_weights(checkpointer, cfg.MODEL.WEIGHTS, args.resume,
-                              weights_example="MODEL.WEIGHTS path/to/model.pth",
-                              output_key="OUTPUT_DIR")
-        except MissingWeightsError as error:
-            raise SystemExit(str(error)) from None
+        load_eval_weights(checkpointer, cfg.MODEL.WEIGHTS, args.resume,
+                          weights_example="MODEL.WEIGHTS path/to/model.pth",
+                          output_key="OUTPUT_DIR")
         return MABNTrainer.test(cfg, model)
 
     trainer = MABNTrainer(cfg)
@@ -58,14 +56,23 @@ def main(args: argparse.Namespace):
     return trainer.train()
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: arguments and config checked before any process starts or anything
+    is created; a user error is one message and exit code 2 (``--debug``: the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def run() -> None:
+        args = default_argument_parser().parse_args(strip_debug_flag(argv))
+        print("Command Line Args:", args)
+        check_launch_args(args)
+        if args.num_gpus * args.num_machines > 1:  # in-process runs check in setup_from_args
+            validate_yacs_cfg(load_yacs_cfg(args.config_file, args.opts),
+                              eval_only=args.eval_only, resume=args.resume)
+        launch(main, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+
+    return run_tool("train_net.py", run, argv)
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    sys.exit(cli())

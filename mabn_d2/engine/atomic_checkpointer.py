@@ -29,22 +29,25 @@ from typing import Any
 
 import torch
 
+from ..cli import UserError
 from ..detectron2_compat import ReadAheadCheckpointer
 from ..file_io import atomic_write, is_temporary_file
+from ..finetune.checkpoint import CheckpointReadError
+from ..finetune.model_record import RECORD_KEY, model_record
 
-__all__ = ["AtomicCheckpointer", "MissingWeightsError", "NoReadableCheckpointError",
-           "load_eval_weights"]
+__all__ = ["AtomicCheckpointer", "CheckpointReadError", "MissingWeightsError",
+           "NoReadableCheckpointError", "load_eval_weights"]
 
 logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last_checkpoint"  # fvcore's tag file
 
 
-class MissingWeightsError(ValueError):
+class MissingWeightsError(UserError, ValueError):
     """An evaluation or prediction was asked for without weights to load."""
 
 
-class NoReadableCheckpointError(RuntimeError):
+class NoReadableCheckpointError(UserError, RuntimeError):
     """``--resume`` found checkpoints in OUTPUT_DIR, but none of them can be read."""
 
 
@@ -68,6 +71,8 @@ class AtomicCheckpointer(ReadAheadCheckpointer):
     def __init__(self, model: torch.nn.Module, save_dir: str = "", *,
                  save_to_disk: bool | None = None, **checkpointables: Any) -> None:
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        # The config key or option naming the weights, for error messages.
+        self.weights_key = "MODEL.WEIGHTS"
 
     def save(self, name: str, **kwargs: Any) -> None:
         """fvcore's ``save`` (model, checkpointables, ``kwargs`` into ``<name>.pth``, then
@@ -77,7 +82,8 @@ class AtomicCheckpointer(ReadAheadCheckpointer):
         if not _is_local(self.save_dir):
             super().save(name, **kwargs)
             return
-        data = {"model": self.model.state_dict()}
+        # What loading must match beyond the state dict (centralized convs, norm kinds).
+        data = {"model": self.model.state_dict(), RECORD_KEY: model_record(self.model)}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -154,6 +160,19 @@ class AtomicCheckpointer(ReadAheadCheckpointer):
             + "\nStart afresh without --resume (or with another OUTPUT_DIR), or load weights "
             "with MODEL.WEIGHTS."
         )
+
+    def load(self, path: str, checkpointables: list[str] | None = None) -> dict[str, Any]:
+        """fvcore's ``load``; a local file that is missing is a :class:`CheckpointReadError`
+        naming :attr:`weights_key` (fvcore asserts)."""
+        if path and _is_local(path) and not os.path.isfile(path):
+            raise CheckpointReadError(f"{self.weights_key} {path}: no such file; give the path "
+                                      "of a checkpoint (e.g. OUTPUT_DIR/model_final.pth)")
+        return super().load(path, checkpointables)
+
+    def on_read_error(self, filename: str, error: Exception) -> None:
+        """``load`` could not read ``filename`` (torch/pickle: EOFError, UnpicklingError,
+        RuntimeError, ...): a :class:`CheckpointReadError` naming :attr:`weights_key`."""
+        raise CheckpointReadError.unreadable(self.weights_key, filename, error) from error
 
 
 def load_eval_weights(checkpointer: AtomicCheckpointer, weights: str, resume: bool, *,

@@ -9,12 +9,20 @@ In the gloo worker processes only, detectron2's ``create_ddp_model`` (which
 ``DefaultTrainer`` calls) is wrapped so that a CPU model keeps ``device_ids=None``: detectron2
 passes ``device_ids=[local_rank]``, which ``DistributedDataParallel`` rejects for CPU modules.
 No other process sees this change.
+
+``--num-gpus 0`` (or 1, on one machine) runs ``main_func`` in this process, as detectron2's
+``launch`` does for a world size <= 1. Worker processes end with the launcher
+(:func:`die_with_parent`): killing it does not leave them training, holding ``OUTPUT_DIR``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import os
+import signal
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -27,9 +35,12 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
+from ..cli import USER_ERROR_EXIT_CODE, UserError, debug_requested, report_user_error
 from ..detectron2_compat import create_local_process_group, find_free_port
 
-__all__ = ["launch"]
+__all__ = ["launch", "die_with_parent"]
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +64,15 @@ def launch(
         backend: ``"nccl"`` (detectron2's launch, needs CUDA) or ``"gloo"`` (CPU processes);
             default: nccl if CUDA is available, else gloo.
     """
+    if num_processes_per_machine < 0 or num_machines < 1:
+        raise UserError(f"launch: --num-gpus must be >= 0 and --num-machines >= 1, got "
+                        f"{num_processes_per_machine} and {num_machines}")
+    world_size = num_machines * num_processes_per_machine
+    if world_size <= 1:  # as detectron2's launch: this process (--num-gpus 0 or 1)
+        main_func(*args)
+        return
+    # Workers end with this launcher (a kill of it must not leave them training).
+    main_func = functools.partial(_run_dying_with_parent, main_func, os.getpid())
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         d2_launch(main_func, num_processes_per_machine, num_machines, machine_rank, dist_url,
@@ -60,21 +80,41 @@ def launch(
         return
     if backend != "gloo":
         raise ValueError(f"launch: backend must be 'nccl' or 'gloo', got {backend!r}")
-    world_size = num_machines * num_processes_per_machine
-    if world_size == 1:
-        main_func(*args)
-        return
     if dist_url in (None, "auto"):
         if num_machines != 1:
             raise ValueError("launch: dist_url='auto' only works on a single machine")
         dist_url = f"tcp://127.0.0.1:{find_free_port()}"
-    mp.spawn(
-        _gloo_worker,
-        nprocs=num_processes_per_machine,
-        args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args,
-              timeout),
-        daemon=False,
-    )
+    try:
+        mp.spawn(
+            _gloo_worker,
+            nprocs=num_processes_per_machine,
+            args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args,
+                  timeout),
+            daemon=False,
+        )
+    except mp.ProcessExitedException as error:
+        if error.exit_code == USER_ERROR_EXIT_CODE:  # the worker printed the message
+            raise UserError(f"worker process {error.error_index} stopped on the error printed "
+                            "above") from None
+        raise
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when its parent ends (Linux ``PR_SET_PDEATHSIG``),
+    and end now if the parent ``parent_pid`` is already gone. Elsewhere: nothing."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl
+            logger.warning("mabn_d2: cannot ask to end with the launcher (no prctl)")
+    if os.getppid() != parent_pid:  # the launcher ended before prctl took effect
+        os._exit(1)
+
+
+def _run_dying_with_parent(main_func: Callable[..., Any], parent_pid: int, *args: Any) -> Any:
+    die_with_parent(parent_pid)
+    return main_func(*args)
 
 
 def _gloo_worker(
@@ -98,6 +138,9 @@ def _gloo_worker(
     comm.synchronize()
     try:
         main_func(*args)
+    except UserError as error:  # one message, as in a single process; the launcher says why
+        report_user_error(f"worker {global_rank}", error, debug_requested())
+        sys.exit(USER_ERROR_EXIT_CODE)
     finally:
         dist.destroy_process_group()
 

@@ -46,11 +46,13 @@ from fvcore.nn.precise_bn import get_bn_modules
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..cli import UserError
 from ..data.user_coco import check_dataset_classes
 from ..finetune.calibration import PRECISE_BN_NUM_ITER
-from ..integration.lazy_config import calibration_from_lazy, target_of, validate_lazy_config
+from ..integration.lazy_config import calibration_from_lazy, target_of
 from ..integration.norm import name_mabn_layers
 from ..layer.settings import check_known_names
+from ..validation import validate_lazy_cfg
 from .evaluation import coco_evaluator, report_eval_results
 from .hooks import mabn_hooks
 from .output_lock import hold_output_dir
@@ -107,12 +109,17 @@ def lazy_setup(cfg: DictConfig, args: argparse.Namespace) -> None:
     environment and config logged, config saved to ``train.output_dir``, seed ``train.seed``).
 
     Raises:
-        ValueError: a bad MABN, calibration or PreciseBN value, naming its full key.
+        UserError: a bad value (MABN, calibration, PreciseBN, iterations, ...) naming its full
+            key; an unusable ``train.output_dir`` or ``train.init_checkpoint``.
         OutputDirBusyError: another live run writes into ``train.output_dir``.
         RuntimeError: ``train.device`` is CUDA on a machine without one.
     """
-    nodes = validate_lazy_config(cfg)
-    precise_bn_from_lazy(cfg)
+    nodes = validate_lazy_cfg(cfg, eval_only=getattr(args, "eval_only", False),
+                              resume=getattr(args, "resume", False))
+    try:
+        precise_bn_from_lazy(cfg)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     if comm.is_main_process() and cfg.train.output_dir:
         hold_output_dir(cfg.train.output_dir)  # before anything is written into it
     default_setup(cfg, args)

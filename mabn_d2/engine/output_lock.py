@@ -21,7 +21,9 @@ import os
 import socket
 import sys
 
-__all__ = ["LOCK_FILE", "OutputDirBusyError", "OutputDirLock", "hold_output_dir"]
+from ..cli import UserError
+
+__all__ = ["LOCK_FILE", "OutputDirBusyError", "OutputDirError", "OutputDirLock", "hold_output_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +35,13 @@ except ImportError:  # pragma: no cover - Windows: no flock
     fcntl = None  # type: ignore[assignment]
 
 
-class OutputDirBusyError(RuntimeError):
+class OutputDirBusyError(UserError, RuntimeError):
     """Another live process holds the lock of this ``OUTPUT_DIR``."""
+
+
+class OutputDirError(UserError):
+    """``OUTPUT_DIR`` cannot be created or written (a file in the way, no permission, a
+    read-only file system)."""
 
 
 class OutputDirLock:
@@ -49,6 +56,7 @@ class OutputDirLock:
         self.output_dir = os.path.abspath(output_dir)
         self.path = os.path.join(self.output_dir, LOCK_FILE)
         self._fd: int | None = None
+        self._writable = False
 
     @property
     def held(self) -> bool:
@@ -61,8 +69,7 @@ class OutputDirLock:
             logger.warning("No file locking on this platform: %s is not protected against a "
                            "second run writing into it", self.output_dir)
             return self
-        os.makedirs(self.output_dir, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -79,15 +86,39 @@ class OutputDirLock:
             logger.warning("Cannot lock %s (%s): it is not protected against a second run "
                            "writing into it", self.output_dir, error)
             return self
-        _write_holder(fd)
+        if self._writable:
+            _write_holder(fd)
         self._fd = fd
         return self
+
+    def _open(self) -> int:
+        """The lock file's descriptor, for writing if possible. A lock file this user may not
+        write (left by another user's run, mode 0644) is opened read-only: ``flock`` works on
+        it all the same, so a finished run's file never blocks anyone (the holder's details
+        are then not recorded in it)."""
+        try:
+            os.makedirs(self.output_dir, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                self._writable = True
+            except PermissionError:
+                if not os.path.isfile(self.path):
+                    raise
+                fd = os.open(self.path, os.O_RDONLY)
+                self._writable = False
+        except OSError as error:
+            raise OutputDirError(
+                f"OUTPUT_DIR {self.output_dir} cannot be used: {error.strerror or error} "
+                f"({type(error).__name__}). Give the run a folder you can write into (e.g. "
+                "add 'OUTPUT_DIR output/another_run' to the command line).") from None
+        return fd
 
     def release(self) -> None:
         """Release the lock (the file stays: removing it would race with a new holder)."""
         if self._fd is None:
             return
-        os.ftruncate(self._fd, 0)
+        if self._writable:
+            os.ftruncate(self._fd, 0)
         os.close(self._fd)  # closing the descriptor releases the flock
         self._fd = None
 

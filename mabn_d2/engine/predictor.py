@@ -5,30 +5,31 @@ into the convs on request."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
-from detectron2.config import CfgNode, LazyConfig, instantiate
+from detectron2.config import CfgNode, instantiate
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
 
+from ..cli import UserError
 from ..deploy.fuse import fuse_mabn
 from ..detectron2_compat import IncompatibleKeys, IncompatibleKeysCheckpointer
 from ..integration.lazy_config import validate_lazy_config
-from .atomic_checkpointer import MissingWeightsError
+from ..validation import check_weights_file, load_lazy_cfg
+from .atomic_checkpointer import AtomicCheckpointer, MissingWeightsError
 from .lazy_training import build_lazy_model
 from .setup import load_mabn_cfg, mabn_setup
 
 __all__ = ["LazyPredictor", "WeightsMismatchError", "build_predictor", "load_predictor"]
 
 
-class WeightsMismatchError(RuntimeError):
+class WeightsMismatchError(UserError, RuntimeError):
     """The weights file does not describe the config's model."""
 
 
-class _StrictCheckpointer(IncompatibleKeysCheckpointer):
-    """detectron2's checkpointer, but a model entry missing from the weights or of another
+class _StrictCheckpointer(IncompatibleKeysCheckpointer, AtomicCheckpointer):
+    """detectron2's checkpointer (a file that cannot be read is a clear error, as in
+    :class:`AtomicCheckpointer`), but a model entry missing from the weights or of another
     shape is an error instead of a logged warning (an untrained part would predict noise)."""
 
     def on_incompatible_keys(self, incompatible: IncompatibleKeys) -> None:
@@ -46,8 +47,13 @@ class _StrictCheckpointer(IncompatibleKeysCheckpointer):
 def _check_weights(weights: str, key: str, example: str) -> None:
     if not weights:
         raise MissingWeightsError(f"no weights: add --opts {example}")
-    if "://" not in weights and not os.path.isfile(weights):
-        raise MissingWeightsError(f"{key} {weights!r} is not a file")
+    check_weights_file(weights, key)
+
+
+def _load_weights(model: torch.nn.Module, weights: str, key: str) -> None:
+    checkpointer = _StrictCheckpointer(model)
+    checkpointer.weights_key = key
+    checkpointer.load(weights)
 
 
 def build_predictor(cfg: CfgNode, fuse: bool = False) -> DefaultPredictor:
@@ -59,7 +65,7 @@ def build_predictor(cfg: CfgNode, fuse: bool = False) -> DefaultPredictor:
     empty.defrost()
     empty.MODEL.WEIGHTS = ""  # the predictor starts from scratch; the strict load follows
     predictor = DefaultPredictor(empty)
-    _StrictCheckpointer(predictor.model).load(weights)
+    _load_weights(predictor.model, weights, "MODEL.WEIGHTS")
     if fuse:
         fuse_mabn(predictor.model, inplace=True)
     return predictor
@@ -75,7 +81,7 @@ class LazyPredictor:
         _check_weights(weights, "train.init_checkpoint",
                        "train.init_checkpoint=path/to/model_final.pth")
         self.model = build_lazy_model(cfg).eval()
-        _StrictCheckpointer(self.model).load(weights)
+        _load_weights(self.model, weights, "train.init_checkpoint")
         if fuse:
             fuse_mabn(self.model, inplace=True)
         self.augmentations = T.AugmentationList(
@@ -103,18 +109,25 @@ def load_predictor(config_file: str, opts: list[str], fuse: bool = False
     ``key=value`` for a LazyConfig); the config's own datasets are registered.
 
     Raises:
-        MissingWeightsError: the config names no weights, or a local weights file is missing.
+        MissingWeightsError: the config names no weights.
+        UserError: a weights file that is missing, empty, text or truncated; a bad override
+            or value (naming the key).
         WeightsMismatchError: the weights do not describe the config's model.
-        ValueError: an invalid MABN value (naming the key).
     """
     if config_file.endswith(".py"):
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
-        validate_lazy_config(cfg)
+        cfg = load_lazy_cfg(config_file, opts)  # overrides checked key by key
+        try:
+            validate_lazy_config(cfg)
+        except ValueError as error:
+            raise UserError(str(error)) from None
         names = [*_names(cfg.dataloader.test.dataset.get("names")),
                  *_names(cfg.dataloader.train.dataset.get("names"))]
         return LazyPredictor(cfg, fuse=fuse), names
     cfg = load_mabn_cfg(config_file, opts)
-    mabn_setup(cfg, log_to_output_dir=False)  # a prediction writes nothing into a training run
+    try:  # a prediction writes nothing into a training run
+        mabn_setup(cfg, log_to_output_dir=False)
+    except ValueError as error:  # a MODEL.MABN value
+        raise UserError(str(error)) from None
     names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
     return build_predictor(cfg, fuse=fuse), names
 

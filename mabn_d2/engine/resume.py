@@ -16,6 +16,7 @@ stream, but augmentation randomness and partially filled aspect-ratio buckets di
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
@@ -78,12 +79,36 @@ class RNGStates:
             logger.info("RNGStates: not restored in a multi-process run (each rank keeps its "
                         "own seed); the resumed run is statistically, not exactly, the same")
             return
+        self.restore(state)
+
+    @staticmethod
+    def restore(state: dict[str, Any]) -> None:
+        """Set this process's generators to ``state`` (a :meth:`state_dict`)."""
         random.setstate(state["python"])
         kind, keys, pos, has_gauss, gauss = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_states_kept(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` run with this process's Python/NumPy/torch(/CUDA) random states restored
+    afterwards, in every process: an evaluation inside training (detectron2's ``EvalHook``)
+    must not draw from the training streams, or a run resumed from a checkpoint taken on an
+    evaluation iteration (saved before the evaluation) would continue from other states than
+    the uninterrupted run."""
+
+    @functools.wraps(func)
+    def kept(*args: Any, **kwargs: Any) -> Any:
+        states = RNGStates()
+        saved = states.state_dict()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            states.restore(saved)
+
+    return kept
 
 
 def build_resumable_loader(

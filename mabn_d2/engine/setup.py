@@ -6,17 +6,19 @@ import argparse
 import logging
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.engine import default_setup
 from detectron2.layers import get_norm
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
-from ..data import add_dataset_config, register_coco_from_cfg
-from ..integration.config import add_mabn_config, settings_from_cfg
+from ..cli import UserError
+from ..data import register_coco_from_cfg
+from ..integration.config import settings_from_cfg
 from ..integration.conv import CentralizedConv2d
 from ..layer import MABN2d
+from ..validation import get_mabn_cfg, load_yacs_cfg, validate_yacs_cfg
 from ..version import __version__
 from .output_lock import hold_output_dir
 
@@ -34,22 +36,15 @@ logger = logging.getLogger(__name__)
 _NORM_KEYS = ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
 
 
-def get_mabn_cfg() -> CfgNode:
-    """detectron2's default config plus ``MODEL.MABN`` and ``DATASETS.REGISTER_COCO``."""
-    cfg = get_cfg()
-    add_mabn_config(cfg)
-    add_dataset_config(cfg)
-    return cfg
-
-
 def load_mabn_cfg(config_file: str, opts: list[str]) -> CfgNode:
     """The frozen cfg of a job: :func:`get_mabn_cfg` + the YAML ``config_file`` + the
-    command-line overrides ``opts`` (``KEY VALUE`` pairs)."""
-    cfg = get_mabn_cfg()
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
-    cfg.freeze()
-    return cfg
+    command-line overrides ``opts`` (``KEY VALUE`` pairs), values coerced and bad ones refused
+    naming the key (:func:`mabn_d2.validation.load_yacs_cfg`).
+
+    Raises:
+        UserError: a missing file, an unknown key, a value of the wrong type.
+    """
+    return load_yacs_cfg(config_file, opts)
 
 
 def mabn_setup(cfg: CfgNode, *, log_to_output_dir: bool = True) -> None:
@@ -82,11 +77,15 @@ def mabn_setup(cfg: CfgNode, *, log_to_output_dir: bool = True) -> None:
         logger.info("mabn_d2: registered COCO dataset %r from DATASETS.REGISTER_COCO", name)
 
 
+class DeviceError(UserError, RuntimeError):
+    """The config asks for a device this machine does not have."""
+
+
 def check_device(device: str, key: str, fix: str) -> None:
     """Fail clearly when ``device`` (the value of config key ``key``) is CUDA on a machine
     without one; ``fix`` is the command-line override that selects the CPU."""
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"{key} is {device!r} but no CUDA device is available; add {fix} "
+        raise DeviceError(f"{key} is {device!r} but no CUDA device is available; add {fix} "
                            "to the command line (or the config) to run on the CPU")
 
 
@@ -102,13 +101,17 @@ def setup_from_args(args: argparse.Namespace) -> CfgNode:
     arguments): defaults + ``MODEL.MABN`` + ``args.config_file`` + ``args.opts``, then
     detectron2's ``default_setup`` and :func:`mabn_setup`.
 
-    The main process first takes ``OUTPUT_DIR`` for itself (:func:`~mabn_d2.engine.
-    output_lock.hold_output_dir`), before anything is written into it.
+    The config is loaded and checked first (:mod:`mabn_d2.validation`), then the main process
+    takes ``OUTPUT_DIR`` for itself (:func:`~mabn_d2.engine.output_lock.hold_output_dir`),
+    before anything is written into it.
 
     Raises:
+        UserError: a bad value (naming the key), an unusable OUTPUT_DIR or weights file.
         OutputDirBusyError: another live run writes into ``OUTPUT_DIR``.
     """
     cfg = load_mabn_cfg(args.config_file, args.opts)
+    validate_yacs_cfg(cfg, eval_only=getattr(args, "eval_only", False),
+                      resume=getattr(args, "resume", False))
     if comm.is_main_process() and cfg.OUTPUT_DIR:
         hold_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data import check_num_classes
 from ..data.annotation_checks import instances_without_masks
-from ..data.user_coco import drop_invalid_annotations
+from ..data.user_coco import DatasetError, drop_invalid_annotations
 from ..detectron2_compat import (
     inner_trainer,
     start_data_loader_iterator,
@@ -26,7 +26,7 @@ from ..integration.batch_stats import build_batch_stats_hook
 from .atomic_checkpointer import AtomicCheckpointer
 from .evaluation import EVAL_RESULTS_FILE, build_coco_evaluator, report_eval_results
 from .hooks import build_mabn_hooks
-from .resume import RNGStates, build_resumable_loader, continue_data_stream
+from .resume import RNGStates, build_resumable_loader, continue_data_stream, rng_states_kept
 from .setup import describe_mabn_model
 
 __all__ = ["MABNTrainer", "EVAL_RESULTS_FILE"]
@@ -57,7 +57,7 @@ def _with_masks_checked(dataset_dicts: list[dict], drop: bool) -> list[dict]:
     files = sorted({name for name, _ in missing})
     shown = ", ".join(files[:5]) + (f", ... ({len(files) - 5} more)" if len(files) > 5 else "")
     if not drop:
-        raise ValueError(
+        raise DatasetError(
             f"MODEL.MASK_ON: {len(missing)} training instances have no segmentation while the "
             f"others have one (empty or malformed in the JSON), in {shown}. Fix the "
             "annotations, or add 'DATASETS.DROP_INVALID_ANNOTATIONS True' to leave them out.")
@@ -178,8 +178,12 @@ class MABNTrainer(DefaultTrainer):
         )
 
     def build_hooks(self) -> list[hooks.HookBase | None]:
+        hook_list = super().build_hooks()
+        for hook in hook_list:
+            if isinstance(hook, hooks.EvalHook):  # evaluation leaves the training RNGs alone
+                hook._func = rng_states_kept(hook._func)
         return _insert_before(
-            super().build_hooks(),
+            hook_list,
             self.build_mabn_hooks(),
             anchors=(hooks.PeriodicCheckpointer, hooks.EvalHook),
         )

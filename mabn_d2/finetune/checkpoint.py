@@ -45,6 +45,7 @@ from tabulate import tabulate
 from torch import Tensor, nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from ..cli import UserError
 from ..layer import MABN2d
 from ..layer.centralization import CentralizesWeight
 from .convert import (
@@ -64,6 +65,7 @@ from .convert import (
 )
 
 __all__ = [
+    "CheckpointReadError",
     "MABNCheckpointError",
     "check_finite",
     "MABNLoadReport",
@@ -88,7 +90,20 @@ _DESCRIPTIONS = {
 }
 
 
-class MABNCheckpointError(RuntimeError):
+class CheckpointReadError(UserError, RuntimeError):
+    """A weights file that is missing, truncated, damaged or not a checkpoint."""
+
+    @classmethod
+    def unreadable(cls, key: str, filename: str, error: BaseException) -> CheckpointReadError:
+        """The error for ``filename`` (the value of ``key``) that reading failed with."""
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        return cls(f"{key} {filename} cannot be read as a checkpoint ({type(error).__name__}: "
+                   f"{first_line}): it is truncated, damaged or not a checkpoint file. Give the "
+                   "path of a complete checkpoint (e.g. OUTPUT_DIR/model_final.pth of a "
+                   "finished run).")
+
+
+class MABNCheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded into an MABN model without losing something."""
 
 
@@ -450,12 +465,16 @@ def load_model_with_mabn_conversion(checkpointer: Any, checkpoint: dict[str, Any
         checkpoint: what its ``_load_file`` returned (``"model"``, ``"__author__"``, ...).
         load_model: detectron2's original ``_load_model``.
     """
+    from .model_record import RECORD_KEY, check_model_record  # it imports this module
+
     model = checkpointer.model
     state = checkpoint["model"]
     _ndarrays_to_tensors(state)
     if state and all(key.startswith("module.") for key in state):  # saved from a DDP model
         consume_prefix_in_state_dict_if_present(state, "module.")
     check_finite(state)
+    # What the state dict cannot show (centralized convs, norm kinds): checked first.
+    check_model_record(model, checkpoint.pop(RECORD_KEY, None), state)
     if not any(isinstance(m, MABN2d) for m in model.modules()):
         _refuse_mabn_entries(state)
         return load_model(checkpointer, checkpoint)

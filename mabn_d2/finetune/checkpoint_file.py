@@ -16,19 +16,34 @@ from pathlib import Path
 import torch
 from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 
-from ..detectron2_compat import read_checkpoint
-from ..file_io import atomic_write
-from .checkpoint import SOURCES_KEY, check_finite
+from ..cli import UserError
+from ..detectron2_compat import read_checkpoint as read_any_checkpoint
+from ..file_io import atomic_write, check_weights_file
+from .checkpoint import SOURCES_KEY, CheckpointReadError, check_finite
 from .convert import (
     MOVING_AVERAGE_KEYS,
     SOURCE_BN_EPS,
     convert_bn_state_dict,
     group_by_module,
 )
+from .model_record import RECORD_KEY, recorded_norm_kinds
 
 __all__ = ["convert_checkpoint_file",]
 
 _NORM_NAME = re.compile(r"(^|\.)(norm|bn\d*)$")
+
+
+def read_checkpoint(path: str, key: str = "input") -> dict:
+    """What ``DetectionCheckpointer`` reads from ``path``: ``{"model": state, ...}``.
+
+    Raises:
+        UserError: the file (the value of ``key``) is missing, truncated or not a checkpoint.
+    """
+    check_weights_file(path, key)
+    try:  # detectron2's file reading (formats, Caffe2 detection, PathManager URLs)
+        return read_any_checkpoint(path)
+    except Exception as error:  # torch/pickle: EOFError, UnpicklingError, RuntimeError, ...
+        raise CheckpointReadError.unreadable(key, path, error) from error
 
 
 def _as_tensors(state: dict) -> dict[str, torch.Tensor]:
@@ -60,6 +75,22 @@ def _affine_modules(state: dict, renamed_to_original: dict[str, str] | None,
     return found
 
 
+def _refuse_recorded_non_affine(checkpoint: dict, affine_modules: list[str]) -> None:
+    """``affine`` folds weight+bias modules as frozen affines; a checkpoint that records them
+    as GroupNorm/LayerNorm (saved by mabn_d2's checkpointer) is refused: per-image statistics
+    cannot be folded."""
+    kinds = recorded_norm_kinds(checkpoint)
+    wrong = [f"{m} ({kinds[m]})" for m in affine_modules
+             if kinds.get(m) not in (None, "FrozenBatchNorm2d")]
+    if wrong:
+        shown = ", ".join(wrong[:4]) + (f", ... ({len(wrong) - 4} more)" if len(wrong) > 4
+                                        else "")
+        raise UserError(
+            f"--affine: {len(wrong)} modules are recorded in the checkpoint as normalizations "
+            f"with per-image statistics, not frozen affines: {shown}. They cannot be folded "
+            "into MABN; train MABN for those parts from their initialization instead.")
+
+
 def convert_checkpoint_file(src: str, dst: str, *, buffer_size: int | None = None,
                             eps: float = 1e-5, bn_eps: float = SOURCE_BN_EPS,
                             affine: bool = False, reset_moving_averages: bool = False
@@ -83,7 +114,7 @@ def convert_checkpoint_file(src: str, dst: str, *, buffer_size: int | None = Non
             written then).
     """
     if not dst.endswith(".pth"):
-        raise ValueError(f"the output must be a .pth file (read with torch.load), got {dst!r}")
+        raise UserError(f"the output must be a .pth file (read with torch.load), got {dst!r}")
     checkpoint = read_checkpoint(src)
     state = _as_tensors(checkpoint["model"])
     heuristics = bool(checkpoint.get("matching_heuristics", False))
@@ -91,6 +122,7 @@ def convert_checkpoint_file(src: str, dst: str, *, buffer_size: int | None = Non
     if checkpoint.get("__author__") == "Caffe2":
         state, renamed_to_original = convert_c2_detectron_names(state)
     affine_modules = _affine_modules(state, renamed_to_original, affine)
+    _refuse_recorded_non_affine(checkpoint, affine_modules)
     if reset_moving_averages:
         state = {k: v for k, v in state.items() if not (
             k.rpartition(".")[2] in MOVING_AVERAGE_KEYS
@@ -103,5 +135,7 @@ def convert_checkpoint_file(src: str, dst: str, *, buffer_size: int | None = Non
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     data = {"model": converted, "__author__": "mabn_d2 tools/convert_checkpoint.py",
             "matching_heuristics": heuristics, SOURCES_KEY: sources}
+    if reset_moving_averages and RECORD_KEY in checkpoint:  # the same model: same record
+        data[RECORD_KEY] = checkpoint[RECORD_KEY]
     atomic_write(dst, lambda f: torch.save(data, f))  # an interrupted run leaves dst intact
     return sources

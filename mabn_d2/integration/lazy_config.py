@@ -21,9 +21,9 @@ backbone (YAML's ``MODEL.MABN.CENTRALIZE_EXCLUDE``)::
         L(derive_settings)(base="${mabn}", centralize_weights=False)
 
 ``instantiate`` refuses a bad value when it builds the first layer, naming the argument
-(``buffer_size must be an integer >= 1, got 0``). :func:`validate_lazy_config` checks the whole
-config before anything is built and names the full key (``mabn.buffer_size``); the LazyConfig
-train tool calls it first.
+(``buffer_size must be an integer in [1, 1024], got 0``). :func:`validate_lazy_config` checks
+the whole config before anything is built and names the full key (``mabn.buffer_size``); the
+LazyConfig train tool calls it first.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Every ``csrc/*.cpp`` is one translation unit of the extension ``mabn_d2_cpp_<dig
 with :func:`torch.utils.cpp_extension.load` the first time MABN runs on the CPU in a process
 (ninja is required; it compiles the units in parallel; docs/speed.md says how long it takes),
 and cached in PyTorch's extension directory (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``), so later processes only load it. If the build fails, a warning
+``~/.cache/torch_extensions``), so later processes only load it, after checking it against
+the size and SHA-256 recorded at its build (:func:`verify_cached_build`: a truncated cached
+library would kill the process with ``Bus error``). If the build fails, a warning
 says why and :mod:`mabn_d2.kernels` uses the plain PyTorch kernels instead -- slower, never
 silently.
 
@@ -120,6 +122,8 @@ def _build() -> None:
     name = f"mabn_d2_cpp_{_digest(cflags)}"
     logger.info("mabn_d2: building/loading the C++ CPU kernels %s (cached after the first build)",
                 name)
+    library = Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so"
+    verify_cached_build(library)
     cpp_extension.load(
         name=name,
         sources=[str(f) for f in _sources()],
@@ -129,6 +133,47 @@ def _build() -> None:
         is_python_module=False,
         verbose=False,
     )
+    _write_fingerprint(library)
+
+
+def _fingerprint(library: Path) -> str:
+    data = library.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _fingerprint_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _write_fingerprint(library: Path) -> None:
+    """After a successful build or load: record the library's size and SHA-256 beside it."""
+    if library.is_file():
+        _fingerprint_file(library).write_text(_fingerprint(library))
+
+
+def verify_cached_build(library: Path) -> bool:
+    """Check a cached extension library before it is loaded; True if it can be.
+
+    A library is mapped into memory when loaded: a truncated one (a full disk, a copy cut
+    short, a build killed while linking) kills the process with ``Bus error``, and ninja
+    does not rebuild it (it is newer than the sources). Every successful build records the
+    library's size and SHA-256 in ``<library>.sha256``; a cached library that does not match
+    it, or has no record, is removed (one warning) so that the build makes it again."""
+    if not library.exists():
+        return True
+    record = _fingerprint_file(library)
+    try:
+        if record.read_text().strip() == _fingerprint(library):
+            return True
+        reason = "it does not match its recorded size and SHA-256 (truncated or damaged)"
+    except OSError:
+        reason = "it has no record of size and SHA-256 (built by an older mabn_d2?)"
+    message = f"mabn_d2: the cached C++ kernels {library} are not used: {reason}; rebuilding"
+    logger.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    library.unlink(missing_ok=True)
+    record.unlink(missing_ok=True)
+    return False
 
 
 def available() -> bool:

@@ -358,7 +358,9 @@ class MABN2d(nn.Module):
                     "that run, or remove the chi2_buffer/psi_buffer/num_batches_tracked "
                     "entries from the checkpoint to restart the moving averages."
                 )
-                state_dict = {k: v for k, v in state_dict.items() if k != prefix + name}
+                # Load the layer's own buffer in its place: the error above is the only
+                # message (removing the entry made PyTorch add a wrong "Missing key(s)").
+                state_dict = {**state_dict, prefix + name: getattr(self, name)}
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
             error_msgs,

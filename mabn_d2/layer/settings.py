@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .mabn import MABN2d
 
-__all__ = ["Setting", "SETTINGS", "DEFAULTS", "MABNSettings", "check_setting", "check_known_names"]
+__all__ = ["Setting", "SETTINGS", "DEFAULTS", "MAX_BUFFER_SIZE", "MABNSettings", "check_setting",
+           "check_known_names"]
 
 
 def _is_number(value: Any) -> bool:
@@ -77,10 +78,10 @@ class Setting:
         return converted
 
 
-def _ranged_int(low: int) -> Callable[[Any], int | None]:
+def _ranged_int(low: int, high: int | None = None) -> Callable[[Any], int | None]:
     def convert(value: Any) -> int | None:
         v = _as_int(value)
-        return v if v is not None and v >= low else None
+        return v if v is not None and v >= low and (high is None or v <= high) else None
 
     return convert
 
@@ -104,13 +105,18 @@ def _flag(value: Any) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
+MAX_BUFFER_SIZE = 1024
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("eps", "EPS", 1e-5, _eps, "a finite number > 0",
             "added to the second moment before the square root"),
     Setting("momentum", "MOMENTUM", 0.02, _momentum, "a number in (0, 1]",
             "weight of the newest value in the running second moment (PyTorch's convention: "
             "0.02 is the paper's history weight 0.98)"),
-    Setting("buffer_size", "BUFFER_SIZE", 16, _ranged_int(1), "an integer >= 1",
+    # The upper bound keeps a typo (1e9) from allocating 2 x BUFFER_SIZE x channels floats
+    # per layer (256 GB for a ResNet-50); the paper uses 16.
+    Setting("buffer_size", "BUFFER_SIZE", 16, _ranged_int(1, MAX_BUFFER_SIZE),
+            f"an integer in [1, {MAX_BUFFER_SIZE}]",
             "m: how many recent batch statistics the moving averages hold"),
     Setting("warmup_iters", "WARMUP_ITERS", 100, _ranged_int(0), "an integer >= 0",
             "batch statistics while t < WARMUP_ITERS (and while t <= BUFFER_SIZE)"),

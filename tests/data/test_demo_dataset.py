@@ -96,11 +96,21 @@ def test_demo_copy_is_regenerated_when_stale_or_incomplete(demo_copy):
     assert ensure_demo_dataset(demo_copy) == demo_copy
     assert image.is_file()
     manifest = demo_copy / "manifest.json"
-    manifest.write_text(json.dumps({**_manifest(), "generator_version": -1}))
+    written = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**written, "generator_version": -1}))
     val_json.write_text("{}")
     ensure_demo_dataset(demo_copy)
-    assert json.loads(manifest.read_text()) == _manifest()
+    assert json.loads(manifest.read_text()) == written
+    assert {k: v for k, v in written.items() if k != "files"} == _manifest(DEMO_SPLITS)
     assert val_json.read_bytes() == original
+
+
+def test_demo_copy_with_a_truncated_image_is_regenerated(demo_copy):
+    image = demo_copy / "val" / "000002.png"
+    original = image.read_bytes()
+    image.write_bytes(original[: len(original) // 2])  # same name, damaged content
+    assert ensure_demo_dataset(demo_copy) == demo_copy
+    assert image.read_bytes() == original
 
 
 def test_demo_splits_are_registered_as_coco_datasets():

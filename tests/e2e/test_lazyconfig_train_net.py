@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mabn_d2.cli import UserError
 from mabn_d2.detectron2_compat import has_compiled_coco_eval
 
 from helpers import REPO, TINY_LAZY, import_script
@@ -133,7 +134,8 @@ def test_bad_mabn_value_fails_before_the_set_up_naming_the_key(tmp_path):
 
     args = default_argument_parser().parse_args(
         ["--config-file", str(TINY_LAZY), f"train.output_dir={tmp_path}", "mabn.buffer_size=0"])
-    with pytest.raises(ValueError, match=r"^mabn\.buffer_size must be an integer >= 1, got 0$"):
+    with pytest.raises(UserError,
+                       match=r"^mabn\.buffer_size must be an integer in \[1, 1024\], got 0$"):
         tool.main(args)
     assert not (tmp_path / "config.yaml").exists()  # refused before detectron2's set-up
 

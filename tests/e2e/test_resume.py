@@ -5,8 +5,6 @@ weights and MABN state). Trained by tools/train_net.py's set-up (tests/e2e/resum
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, TINY, mabn_state, sigkill_when
+from helpers import (
+    REPO,
+    TINY,
+    mabn_state,
+    read_losses,
+    run_training,
+    sigkill_when,
+    training_env,
+)
 
 WORKER = REPO / "tests" / "e2e" / "resume_worker.py"
 TOTAL = 8
@@ -31,23 +37,6 @@ def command(losses: Path, out: Path, *extra: object) -> list[str]:
             *map(str, extra), "OUTPUT_DIR", str(out), *map(str, OPTS)]
 
 
-def env(coco_mini: Path) -> dict[str, str]:
-    return {**os.environ, "DETECTRON2_DATASETS": str(coco_mini), "OMP_NUM_THREADS": "1"}
-
-
-def read_losses(path: Path) -> dict[int, float]:
-    return {e["iteration"]: e["total_loss"]
-            for e in map(json.loads, path.read_text().splitlines())}
-
-
-def run(cmd: list[str], coco_mini: Path) -> str:
-    proc = subprocess.run(cmd, env=env(coco_mini), cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    return output
-
-
 def final_state(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
 
@@ -56,10 +45,11 @@ def test_sigkill_after_checkpoint_then_resume_reproduces_the_uninterrupted_run(
     coco_mini, tmp_path
 ):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run(command(tmp_path / "straight.jsonl", straight, "SOLVER.MAX_ITER", TOTAL), coco_mini)
+    run_training(command(tmp_path / "straight.jsonl", straight, "SOLVER.MAX_ITER", TOTAL),
+                 coco_mini)
 
     proc = subprocess.Popen(command(tmp_path / "killed.jsonl", killed, "SOLVER.MAX_ITER", 1000),
-                            env=env(coco_mini), cwd=REPO, stdout=subprocess.DEVNULL,
+                            env=training_env(coco_mini), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     sigkill_when(proc, (killed / "last_checkpoint").is_file, 300, "its first checkpoint")
     checkpoint = (killed / "last_checkpoint").read_text().strip()
@@ -70,8 +60,8 @@ def test_sigkill_after_checkpoint_then_resume_reproduces_the_uninterrupted_run(
     t0 = saved_iter + 1  # training steps in the checkpoint
     assert saved and all(int(s["num_batches_tracked"]) == t0 for s in saved.values())
 
-    log = run(command(tmp_path / "resumed.jsonl", killed, "--resume", "SOLVER.MAX_ITER", TOTAL),
-              coco_mini)
+    log = run_training(command(tmp_path / "resumed.jsonl", killed, "--resume", "SOLVER.MAX_ITER",
+                               TOTAL), coco_mini)
     assert f"Starting training from iteration {t0}" in log
 
     # The saved MABN state was continued.

@@ -155,7 +155,7 @@ def test_an_mabn_checkpoint_is_refused_by_a_model_without_mabn(tmp_path, norm):
     (("--eps", "0"), "--eps must be a finite number > 0, got 0.0"),
     (("--bn-eps", "-0.5"), "--bn-eps must be a finite number >= 0, got -0.5"),
     (("--bn-eps", "inf"), "--bn-eps must be a finite number >= 0, got inf"),
-    (("--buffer-size", "0"), "--buffer-size must be an integer >= 1, got 0"),
+    (("--buffer-size", "0"), "--buffer-size must be an integer in [1, 1024], got 0"),
 ])
 def test_converter_refuses_invalid_numbers_and_writes_nothing(tmp_path, capsys, args, message):
     torch.save(net(0).state_dict(), tmp_path / "bn.pth")
@@ -171,7 +171,7 @@ def test_converter_refuses_a_result_with_non_finite_values(tmp_path):
     state["1.running_var"][2] = 0.0  # with --bn-eps 0: division by zero
     torch.save(state, tmp_path / "bn.pth")
     code, output = run_tool(str(tmp_path / "bn.pth"), str(tmp_path / "out.pth"), "--bn-eps", "0")
-    assert code == 1 and "NaN or infinite values in 2 tensors: 1.weight, 1.bias" in output
+    assert code == 2 and "NaN or infinite values in 2 tensors: 1.weight, 1.bias" in output
     assert not (tmp_path / "out.pth").exists()
 
 

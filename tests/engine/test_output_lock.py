@@ -17,12 +17,21 @@ from mabn_d2.engine.output_lock import (
 
 from helpers import REPO, sigkill_when
 
-# The module alone (standard library only), not the package: no detectron2 import to wait for.
+# The module and mabn_d2.cli alone (standard library only), not the package: no detectron2
+# import to wait for.
 HOLD = """
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("output_lock", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
+import importlib.util, os, sys, time, types
+for name in ("mabn_d2", "mabn_d2.engine"):
+    sys.modules[name] = types.ModuleType(name)
+    sys.modules[name].__path__ = []
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+load("mabn_d2.cli", os.path.join(os.path.dirname(sys.argv[1]), "..", "cli.py"))
+module = load("mabn_d2.engine.output_lock", sys.argv[1])
 module.OutputDirLock(sys.argv[2]).acquire()
 print("held", flush=True)
 time.sleep(600)

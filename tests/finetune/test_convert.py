@@ -288,7 +288,7 @@ c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared wit
 def test_tool_rejects_a_non_pth_output(tmp_path):
     torch.save({"a.weight": torch.ones(1)}, tmp_path / "x.pth")
     code, output = run_tool(str(tmp_path / "x.pth"), str(tmp_path / "y.pkl"))
-    assert code == 1 and "must be a .pth" in output
+    assert code == 2 and "must be a .pth" in output
 
 c2_name = import_script("studies/finetune_start_study.py").c2_name  # shared with the study
 

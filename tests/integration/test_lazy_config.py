@@ -35,7 +35,7 @@ def test_the_lazy_configs_are_valid_and_have_detectron2s_top_level_keys(path, ca
 
 
 @pytest.mark.parametrize("override, message", [
-    ("mabn.buffer_size=0", "mabn.buffer_size must be an integer >= 1, got 0"),
+    ("mabn.buffer_size=0", "mabn.buffer_size must be an integer in [1, 1024], got 0"),
     ("mabn.momentum=1.5", "mabn.momentum must be a number in (0, 1], got 1.5"),
     ("mabn.renorm_clip=0.5", "mabn.renorm_clip must be a finite number >= 1, got 0.5"),
     ("mabn.centralize_weights=1", "mabn.centralize_weights must be True or False, got 1"),
@@ -109,7 +109,7 @@ def test_the_string_mabn_beside_a_settings_node_is_a_warning(caplog):
 def test_instantiate_alone_names_the_argument():
     from detectron2.config import instantiate
 
-    with pytest.raises(ValueError, match=r"^buffer_size must be an integer >= 1, got 0$"):
+    with pytest.raises(ValueError, match=r"^buffer_size must be an integer in \[1, 1024\], got 0$"):
         instantiate(demo("mabn.buffer_size=0").model)
 
 
