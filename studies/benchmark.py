@@ -59,6 +59,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -805,6 +806,9 @@ def main(argv: list[str] | None = None) -> dict:
     results["environment"]["loadavg_end"] = os.getloadavg()
     if device.type == "cpu":  # what the output cache held at the end, and its hits
         results["environment"]["mabn_output_cache_end"] = cpp.output_cache_stats()
+        # the process's peak resident memory (Linux: ru_maxrss in KiB)
+        results["environment"]["peak_rss_mib"] = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     results["targets"] = targets(results)
     if device.type == "cuda":
         print("\ntargets (CUDA)")
