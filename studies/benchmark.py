@@ -627,7 +627,8 @@ def environment(device: torch.device) -> dict:
         "loadavg_start": os.getloadavg(),
     }
     if device.type == "cpu":  # (loads the C++ kernels if not loaded yet)
-        info["mabn_output_cache_mib"] = cpp.output_cache_stats().get("limit", 0) >> 20
+        limit = cpp.output_cache_stats().get("limit", 0)
+        info["mabn_output_cache_mib"] = "what the model needs" if limit < 0 else limit >> 20
         info["cpp_build"] = cpp.build_info()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -253,30 +253,37 @@ def _env_cache_megabytes() -> int | None:
     return megabytes
 
 
-def set_output_cache_limit(megabytes: int) -> None:
-    """How many MiB of freed large outputs the C++ kernels keep for reuse (default 1024).
+def set_output_cache_limit(megabytes: int | None) -> None:
+    """How many MiB of freed large outputs the C++ kernels keep for reuse: ``None`` (the
+    default) what the model needs, a fixed number of MiB, or ``0`` to turn the cache off.
 
     Outputs of 4 MiB and more (``y`` in forward, ``dx`` in backward) come from a cache of
     blocks, like CUDA tensors from PyTorch's caching allocator: glibc returns such blocks to
     the OS on free, and the OS zeroes fresh pages on first touch, which at detection shapes
-    costs as much as the kernel (docs/speed.md). Freed blocks stay allocated up to this
-    limit, the least recently freed evicted first; ``0`` turns the cache off (and frees what
-    it holds).
+    costs as much as the kernel (docs/speed.md). By default freed blocks are kept up to the
+    most the cache's outputs have held at once (a training step frees them all at its end and
+    the next one asks for the same sizes again), so the cache never holds more than the
+    model's own peak of these outputs; a fixed limit caps that further. The least recently
+    freed are evicted first; ``0`` turns the cache off (and frees what it holds).
     Also set by the environment variable ``MABN_D2_CPU_CACHE_MB`` when the extension loads.
     """
-    if isinstance(megabytes, bool) or not isinstance(megabytes, int) or megabytes < 0:
-        raise ValueError(f"the output cache limit must be an int of MiB >= 0, got {megabytes!r}")
+    if megabytes is not None and (isinstance(megabytes, bool) or not isinstance(megabytes, int)
+                                  or megabytes < 0):
+        raise ValueError("the output cache limit must be None (what the model needs) or an int "
+                         f"of MiB >= 0, got {megabytes!r}")
     if load():
-        torch.ops.mabn_d2.set_output_cache_limit(megabytes << 20)
+        torch.ops.mabn_d2.set_output_cache_limit(-1 if megabytes is None else megabytes << 20)
 
 
 def output_cache_stats() -> dict[str, int]:
-    """The output cache's ``limit``, ``cached`` and ``in_use`` bytes, ``hits`` and ``misses``
-    (empty if the C++ kernels are unavailable)."""
+    """The output cache's ``limit`` (bytes; -1: what the model needs), ``cached`` and
+    ``in_use`` bytes, ``hits``, ``misses`` and ``peak_in_use`` (the most bytes of blocks its
+    outputs held at once); empty if the C++ kernels are unavailable."""
     if not load():
         return {}
     values = torch.ops.mabn_d2.output_cache_stats()
-    return dict(zip(("limit", "cached", "in_use", "hits", "misses"), values, strict=True))
+    return dict(zip(("limit", "cached", "in_use", "hits", "misses", "peak_in_use"), values,
+                    strict=True))
 
 
 def empty_output_cache() -> None:
