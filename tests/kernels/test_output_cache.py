@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -13,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 from mabn_d2 import MABN2d
 from mabn_d2.kernels import cpp
 
-from helpers import subprocess_env
+from helpers import run_python
 
 MIB = 1 << 20
 SHAPE = (2, 16, 256, 256)  # 8 MiB of float32: above the cache's 4 MiB threshold
@@ -157,12 +155,13 @@ def test_concurrent_outputs_from_threads(cache):
     assert cache.output_cache_stats()["cached"] <= 24 * MIB
 
 
+@pytest.mark.e2e  # a child Python
 def test_default_limit_follows_what_the_outputs_held_at_once():
     # A fresh process: the peak of blocks in use starts at 0. Freed blocks are kept only up to
     # that peak, the least recently freed going first.
     if not cpp.available():
         pytest.skip("the C++ kernels did not build (test_cpp_kernels_build_here says why)")
-    code = """
+    result = run_python("""
 import torch
 from mabn_d2.kernels import cpp
 assert cpp.output_cache_stats()["limit"] == -1  # the default: what the model needs
@@ -180,9 +179,7 @@ assert stats["peak_in_use"] == 16 << 20 and stats["cached"] == 16 << 20, stats  
 y = affine(large)
 assert cpp.output_cache_stats()["hits"] == 1
 print("ok")
-"""
-    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(),
-                            capture_output=True, text=True, timeout=300)
+""")
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
         result.stdout + result.stderr)
 

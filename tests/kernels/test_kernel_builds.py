@@ -15,9 +15,10 @@ import pytest
 
 from mabn_d2.kernels import cpp
 
-from helpers import REPO, running_in_ci, subprocess_env
+from helpers import REPO, run_python, running_in_ci, subprocess_env
 
 
+@pytest.mark.e2e  # a child Python
 def test_installed_build_is_loaded_without_compiling(tmp_path):
     # `make venv` (CI's too) builds the kernels at install: a process with an empty extension
     # cache must load that build and compile nothing.
@@ -28,17 +29,16 @@ def test_installed_build_is_loaded_without_compiling(tmp_path):
         pytest.skip(message)
     extensions = tmp_path / "torch_extensions"
     extensions.mkdir()
-    env = subprocess_env(TORCH_EXTENSIONS_DIR=str(extensions))
-    env.pop(cpp.BUILD_ENV, None)
-    code = (
-        "import json, torch\n"
-        "from mabn_d2 import MABN2d\n"
-        "from mabn_d2.kernels import cpp\n"
-        "MABN2d(4)(torch.randn(2, 4, 3, 3, requires_grad=True)).sum().backward()\n"
-        "print(json.dumps(cpp.build_info()))\n"
+    result = run_python(
+        """
+        import json, torch
+        from mabn_d2 import MABN2d
+        from mabn_d2.kernels import cpp
+        MABN2d(4)(torch.randn(2, 4, 3, 3, requires_grad=True)).sum().backward()
+        print(json.dumps(cpp.build_info()))
+        """,
+        TORCH_EXTENSIONS_DIR=str(extensions), **{cpp.BUILD_ENV: "auto"},
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info == {"build": "installed", "installed_skipped": None, "error": None}, info
@@ -71,6 +71,7 @@ def test_source_digest_covers_every_source_and_header(tmp_path, monkeypatch):
     assert cpp.source_digest() == digest
 
 
+@pytest.mark.e2e  # pip builds a wheel
 def test_install_without_a_compiler_still_succeeds(tmp_path):
     # No compiler at install: a warning, a package without the library, and the kernels are
     # built at first use (or the plain ones serve).
