@@ -543,7 +543,7 @@ def targets(results: dict) -> list[dict]:
             rows.append(_target(f"layer peak memory MABN2d / BN {where}", r["peak_ratio_to_bn"],
                                 LAYER_MEMORY_TARGET))
     training = {r["candidate"]: r for r in results.get("model_training", [])}
-    if training:
+    if {"MABN", "BN", "GN"} <= set(training):  # (--model-norms may leave some out)
         mabn = training["MABN"]
         rows.append(_target("training iteration MABN / BN", mabn["ratio_to_bn"],
                             TRAINING_TIME_TARGET))
