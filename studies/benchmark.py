@@ -53,12 +53,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes.util
 import functools
 import gc
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -73,10 +76,16 @@ from mabn_d2 import MABN2d, kernels
 from mabn_d2.kernels import cpp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-LAYER_SHAPES = [(2, 256, 200, 272), (2, 256, 50, 68), (2, 64, 400, 544), (1024, 256, 7, 7)]
+# Backbone/FPN levels of 2 images (about 800 x 1088 and smaller), then RoI-head inputs.
+LAYER_SHAPES = [(2, 256, 100, 136), (2, 256, 50, 68), (2, 64, 200, 272),
+                (512, 256, 7, 7), (1024, 256, 7, 7), (512, 256, 14, 14)]
 QUICK_SHAPES = [(2, 256, 50, 68), (256, 256, 7, 7)]
 # Layer timing: back-to-back calls in blocks of about this many seconds.
 LAYER_BLOCK_S = 0.03
+# The memory floor of a training step of a per-channel normalization: forward reads x and
+# writes y, backward reads dy and x and writes dx: 5 activation-sized transfers, 2.5 copies.
+FLOOR_COPIES = 2.5
+FLOOR = "memory_floor"
 # Steady state of training: moving averages and the renorm clip are on.
 STEADY_STATE_ITERATION = 2000
 
@@ -237,7 +246,16 @@ class LayerCandidate:
     fused: bool = True  # the C++ fused training step (else the four separate kernels)
 
 
-def layer_candidates(c: int, device: torch.device) -> dict[str, LayerCandidate]:
+def layer_candidates(c: int, device: torch.device,
+                     only: list[str] | None = None) -> dict[str, LayerCandidate]:
+    """The layer candidates (``only``: these and BatchNorm2d, the ratios' base)."""
+    candidates = all_layer_candidates(c, device)
+    if only:
+        candidates = {k: v for k, v in candidates.items() if k in only or k == "BatchNorm2d"}
+    return candidates
+
+
+def all_layer_candidates(c: int, device: torch.device) -> dict[str, LayerCandidate]:
     candidates = {
         "MABN2d": LayerCandidate(steady_state(MABN2d(c)), "auto"),
         # The four separate C++ kernels (no fused step): what the fused step saves.
@@ -274,17 +292,21 @@ def layer_step(candidate: LayerCandidate, x: Tensor, dy: Tensor,
 
 
 def bench_shape(shape: tuple[int, ...], repeats: int, device: torch.device,
-                with_memory: bool, amp: bool = False) -> list[dict]:
+                with_memory: bool, amp: bool = False, only: list[str] | None = None) -> list[dict]:
     """Layer rows of one shape; ``amp``: float16 inputs under autocast (float32 parameters)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     dtype = torch.float16 if amp else torch.float32
     x = (torch.randn(shape, generator=g) * 2 + 0.3).to(device, dtype).requires_grad_()
     dy = torch.randn(shape, generator=g).to(device, dtype)
     steps = {}
-    for name, candidate in layer_candidates(shape[1], device).items():
+    for name, candidate in layer_candidates(shape[1], device, only).items():
         candidate.module.to(device).train()
         steps[name] = layer_step(candidate, x, dy, amp)
-    timing = interleaved_medians(steps, repeats, warmup=2, device=device, block_s=LAYER_BLOCK_S)
+    # The floor, timed among the candidates: one copy of the activation into a warm buffer.
+    warm = torch.empty_like(x)
+    timing = interleaved_medians({**steps, FLOOR: lambda: warm.copy_(x.detach())}, repeats,
+                                 warmup=2, device=device, block_s=LAYER_BLOCK_S)
+    floor = timing.pop(FLOOR)["median_s"] * FLOOR_COPIES
     memory = {}
     if with_memory:
         for name, fn in steps.items():
@@ -296,7 +318,8 @@ def bench_shape(shape: tuple[int, ...], repeats: int, device: torch.device,
     for name, t in timing.items():
         row = {"shape": list(shape), "precision": "amp_float16" if amp else "float32",
                "candidate": name, **t, "ratio_to_bn": t["median_s"] / bn,
-               "first_call_ratio_to_bn": t["first_call_median_s"] / bn_first}
+               "first_call_ratio_to_bn": t["first_call_median_s"] / bn_first,
+               "memory_floor_s": floor, "ratio_to_floor": t["median_s"] / floor}
         if with_memory:
             row["peak_bytes"] = memory[name]
             row["peak_ratio_to_bn"] = memory[name] / memory["BatchNorm2d"]
@@ -305,12 +328,12 @@ def bench_shape(shape: tuple[int, ...], repeats: int, device: torch.device,
 
 
 def bench_layers(shapes, repeats: int, device: torch.device, with_memory: bool,
-                 amp: bool = False) -> list[dict]:
+                 amp: bool = False, only: list[str] | None = None) -> list[dict]:
     """Rows of every shape in float32, and with ``amp`` again under float16 autocast."""
     rows = []
     for precision_amp in (False, True) if amp else (False,):
         for shape in shapes:
-            shape_rows = bench_shape(shape, repeats, device, with_memory, precision_amp)
+            shape_rows = bench_shape(shape, repeats, device, with_memory, precision_amp, only)
             print_layer_rows(shape_rows)
             rows += shape_rows
             gc.collect()
@@ -320,15 +343,18 @@ def bench_layers(shapes, repeats: int, device: torch.device, with_memory: bool,
 def print_layer_rows(rows: list[dict]) -> None:
     shape = tuple(rows[0]["shape"])
     mabn = next(r for r in rows if r["candidate"] == "MABN2d")["median_s"]
-    print(f"\nlayer fwd+bwd, training mode, shape {shape}, {rows[0]['precision']}")
-    print(f"  {'candidate':<17}{'median ms':>10}{'/BN':>7}{'/MABN2d':>9}{'first/BN':>10}"
-          f"{'peak MB':>9}{'mem/BN':>8}")
+    print(f"\nlayer fwd+bwd, training mode, shape {shape}, {rows[0]['precision']}, load "
+          f"{os.getloadavg()[0]:.1f}; memory "
+          f"floor ({FLOOR_COPIES} copies into a warm buffer) {rows[0]['memory_floor_s'] * 1e3:.2f}"
+          " ms")
+    print(f"  {'candidate':<17}{'median ms':>10}{'/floor':>8}{'/BN':>7}{'/MABN2d':>9}"
+          f"{'first/BN':>10}{'peak MB':>9}{'mem/BN':>8}")
     for r in rows:
         mem = (f"{r['peak_bytes'] / 2**20:>9.1f}{r['peak_ratio_to_bn']:>8.2f}"
                if "peak_bytes" in r else "")
-        print(f"  {r['candidate']:<17}{r['median_s'] * 1e3:>10.2f}{r['ratio_to_bn']:>7.2f}"
-              f"{r['median_s'] / mabn:>9.2f}{r['first_call_ratio_to_bn']:>10.2f}{mem}",
-              flush=True)
+        print(f"  {r['candidate']:<17}{r['median_s'] * 1e3:>10.2f}{r['ratio_to_floor']:>8.2f}"
+              f"{r['ratio_to_bn']:>7.2f}{r['median_s'] / mabn:>9.2f}"
+              f"{r['first_call_ratio_to_bn']:>10.2f}{mem}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,12 +407,13 @@ def synthetic_batch(n: int, image_size: int, device: torch.device, seed: int = 0
 
 
 def bench_model_training(repeats: int, image_size: int, device: torch.device,
-                         width: int | None = None) -> list[dict]:
+                         width: int | None = None,
+                         norms: tuple[str, ...] = ("MABN", "BN", "GN")) -> list[dict]:
     from detectron2.modeling import build_model
 
     batch = synthetic_batch(2, image_size, device, width=width)
     steps = {}
-    for norm in ("MABN", "BN", "GN"):
+    for norm in norms:
         torch.manual_seed(0)
         model = steady_state(build_model(model_cfg(norm, image_size, device, width)).train())
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
@@ -403,8 +430,9 @@ def bench_model_training(repeats: int, image_size: int, device: torch.device,
     with EventStorage(0):  # detectron2's training-time loss logging needs one
         timing = interleaved_medians(steps, repeats, warmup=1, device=device)
     w = image_width(image_size, width)
+    base = timing["BN"]["median_s"] if "BN" in timing else float("nan")
     rows = [{"candidate": k, "images": 2, "image_size": image_size, "image_width": w, **v,
-             "ratio_to_bn": v["median_s"] / timing["BN"]["median_s"]} for k, v in timing.items()]
+             "ratio_to_bn": v["median_s"] / base} for k, v in timing.items()]
     print(f"\nMask R-CNN R50-FPN training iteration (2 images of {image_size}x{w}, forward + "
           "backward + SGD step)")
     for r in rows:
@@ -515,7 +543,7 @@ def targets(results: dict) -> list[dict]:
             rows.append(_target(f"layer peak memory MABN2d / BN {where}", r["peak_ratio_to_bn"],
                                 LAYER_MEMORY_TARGET))
     training = {r["candidate"]: r for r in results.get("model_training", [])}
-    if training:
+    if {"MABN", "BN", "GN"} <= set(training):  # (--model-norms may leave some out)
         mabn = training["MABN"]
         rows.append(_target("training iteration MABN / BN", mabn["ratio_to_bn"],
                             TRAINING_TIME_TARGET))
@@ -537,18 +565,30 @@ def markdown(results: dict) -> str:
     """The results as Markdown tables (for docs/speed.md and the README)."""
     lines = []
     if "layer" in results:
-        lines += ["| shape | precision | candidate | median ms | / BN | naive / this "
+        lines += ["| shape | precision | candidate | median ms | / floor | / BN | naive / this "
                   "| first call / BN | peak MB | mem / BN |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in results["layer"]:
-            naive = next(q for q in results["layer"] if q["shape"] == r["shape"]
-                         and q["precision"] == r["precision"] and q["candidate"] == "naive_MABN")
+            naive = next((q for q in results["layer"] if q["shape"] == r["shape"]
+                          and q["precision"] == r["precision"]
+                          and q["candidate"] == "naive_MABN"), None)
+            naive_ratio = f"{naive['median_s'] / r['median_s']:.2f}" if naive else "-"
             mem = (f"{r['peak_bytes'] / 2**20:.1f} | {r['peak_ratio_to_bn']:.2f}"
                    if "peak_bytes" in r else "- | -")
             lines.append(f"| {tuple(r['shape'])} | {r['precision']} | {r['candidate']} "
-                         f"| {r['median_s'] * 1e3:.1f} "
-                         f"| {r['ratio_to_bn']:.2f} | {naive['median_s'] / r['median_s']:.2f} "
+                         f"| {r['median_s'] * 1e3:.1f} | {r['ratio_to_floor']:.2f} "
+                         f"| {r['ratio_to_bn']:.2f} | {naive_ratio} "
                          f"| {r['first_call_ratio_to_bn']:.2f} | {mem} |")
+        lines.append("")
+    if "matrix" in results:
+        lines += ["| shape | allocator | output cache | MABN ms | BN ms | floor ms | MABN / floor "
+                  "| BN / floor | MABN / BN | load |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in sorted(results["matrix"], key=lambda r: (r["shape"], r["allocator"])):
+            lines.append(f"| {tuple(r['shape'])} | {r['allocator']} | {r['output_cache']} "
+                         f"| {r['mabn_ms']:.2f} | {r['bn_ms']:.2f} | {r['floor_ms']:.2f} "
+                         f"| {r['mabn_to_floor']:.2f} | {r['bn_to_floor']:.2f} "
+                         f"| {r['mabn_to_bn']:.2f} | {r['loadavg_start'][0]:.1f} |")
         lines.append("")
     if "model_training" in results:
         lines += ["| training iteration (2 images) | median s | / BN |", "| --- | ---: | ---: |"]
@@ -582,11 +622,14 @@ def environment(device: torch.device) -> dict:
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "cpu_memory": "reused (glibc MALLOC_MMAP_MAX_=0)" if os.environ.get(REUSE_ENV)
         else "default (fresh pages for large blocks)",
+        "allocator": os.environ.get(ALLOCATOR_ENV, "glibc"),
+        "LD_PRELOAD": os.environ.get("LD_PRELOAD", ""),
         "loadavg_start": os.getloadavg(),
     }
-    if device.type == "cpu":  # (builds the C++ kernels if not built yet)
-        info["mabn_output_cache_mib"] = cpp.output_cache_stats().get("limit", 0) >> 20
-        info["cpp_build_error"] = cpp.load_error()
+    if device.type == "cpu":  # (loads the C++ kernels if not loaded yet)
+        limit = cpp.output_cache_stats().get("limit", 0)
+        info["mabn_output_cache_mib"] = "what the model needs" if limit < 0 else limit >> 20
+        info["cpp_build"] = cpp.build_info()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -613,12 +656,85 @@ REUSE_ENV = "MABN_D2_BENCH_REUSE_MEMORY"
 REUSE_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), REUSE_ENV: "1"}
 
 
+# CPU allocators to compare (LD_PRELOAD; Debian packages libjemalloc2, libtcmalloc-minimal4).
+ALLOCATORS = {"glibc": "", "jemalloc": "jemalloc", "tcmalloc": "tcmalloc_minimal"}
+ALLOCATOR_ENV = "MABN_D2_BENCH_ALLOCATOR"
+
+
+def allocator_library(name: str) -> str | None:
+    """The shared library to preload for allocator ``name`` ("" for glibc), None if absent."""
+    if name not in ALLOCATORS:
+        raise SystemExit(f"--allocator: one of {sorted(ALLOCATORS)}, got {name!r}")
+    return ctypes.util.find_library(ALLOCATORS[name]) if ALLOCATORS[name] else ""
+
+
+def restart_with_allocator(name: str) -> None:
+    """Re-execute this benchmark with allocator ``name`` preloaded (glibc: none)."""
+    if os.environ.get(ALLOCATOR_ENV, "glibc") == name:
+        return
+    library = allocator_library(name)
+    if library is None:
+        raise SystemExit(f"--allocator {name}: its library is not installed (Debian: "
+                         "apt-get install libjemalloc2 libtcmalloc-minimal4)")
+    env = {**os.environ, ALLOCATOR_ENV: name, "LD_PRELOAD": library}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def restart_reusing_memory() -> None:
     """Re-execute this benchmark with freed memory kept for reuse (see the module docstring)."""
     if os.environ.get(REUSE_ENV):
         return
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **REUSE_MALLOC})
+
+
+def allocator_matrix(args: argparse.Namespace) -> dict:
+    """MABN2d and BatchNorm2d, each against the memory floor, under every installed allocator
+    with MABN's output cache on and off: one child process per cell (an allocator is chosen
+    at process start), both layers and the floor interleaved inside it."""
+    passed = ["--threads", str(args.threads)] if args.threads else []
+    for key in ("shapes", "repeats"):
+        value = getattr(args, key)
+        if value:
+            passed += [f"--{key}", *(value if isinstance(value, list) else [str(value)])]
+    out = Path(args.json)
+    cells, rows = [], []
+    for allocator in ALLOCATORS:
+        if allocator_library(allocator) is None:
+            print(f"matrix: {allocator} is not installed, skipped", flush=True)
+            continue
+        for cache in ("on", "off"):
+            cell_json = out.with_name(f"{out.stem}_{allocator}_cache_{cache}.json")
+            env = {**os.environ, "MABN_D2_CPU_CACHE_MB": "0"} if cache == "off" else {
+                k: v for k, v in os.environ.items() if k != "MABN_D2_CPU_CACHE_MB"}
+            print(f"\n=== matrix: {allocator}, output cache {cache}", flush=True)
+            subprocess.run([sys.executable, __file__, "--only", "layer", "--no-memory",
+                            "--device", "cpu", "--allocator", allocator, "--candidates",
+                            "MABN2d", "--json", str(cell_json), *passed], env=env, check=True)
+            cell = json.loads(cell_json.read_text())
+            cells.append({"allocator": allocator, "output_cache": cache,
+                          "environment": cell["environment"]})
+            by_shape: dict[tuple, dict] = {}
+            for r in cell["layer"]:
+                by_shape.setdefault(tuple(r["shape"]), {})[r["candidate"]] = r
+            for shape, c in by_shape.items():
+                mabn, bn = c["MABN2d"], c["BatchNorm2d"]
+                rows.append({"allocator": allocator, "output_cache": cache, "shape": list(shape),
+                             "mabn_ms": mabn["median_s"] * 1e3, "bn_ms": bn["median_s"] * 1e3,
+                             "floor_ms": mabn["memory_floor_s"] * 1e3,
+                             "mabn_to_floor": mabn["ratio_to_floor"],
+                             "bn_to_floor": bn["ratio_to_floor"],
+                             "mabn_to_bn": mabn["ratio_to_bn"],
+                             "loadavg_start": cell["environment"]["loadavg_start"],
+                             "loadavg_end": cell["environment"]["loadavg_end"]})
+    results = {"matrix": rows, "cells": cells}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(markdown(results))
+    print("\n" + markdown(results))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -644,11 +760,24 @@ def main(argv: list[str] | None = None) -> dict:
                         help="where to write the numbers")
     parser.add_argument("--reuse-memory", action="store_true",
                         help="CPU: restart with glibc keeping freed memory (no fresh pages)")
+    parser.add_argument("--allocator", choices=sorted(ALLOCATORS),
+                        help="CPU: restart with this allocator preloaded (default: as started)")
+    parser.add_argument("--candidates", nargs="*",
+                        help="layer candidates to time (BatchNorm2d always; default: all)")
+    parser.add_argument("--model-norms", nargs="*", default=["MABN", "BN", "GN"],
+                        help="training part: the norms to compare (default MABN BN GN)")
+    parser.add_argument("--matrix", action="store_true",
+                        help="layer part: MABN2d and BatchNorm2d under every installed "
+                        "allocator, output cache on and off (one process each), one table")
     args = parser.parse_args(argv)
     for key in ("repeats", "model_repeats", "image_size", "threads"):
         value = getattr(args, key)
         if value is not None and value < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    if args.matrix:
+        return allocator_matrix(args)
+    if args.allocator and argv is None:
+        restart_with_allocator(args.allocator)
     if args.reuse_memory and argv is None:
         restart_reusing_memory()
 
@@ -665,15 +794,22 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"environment: {json.dumps(results['environment'])}")
     if args.only in (None, "layer"):
         results["layer"] = bench_layers(
-            parse_shapes(args.shapes, args.quick), repeats, device, not args.no_memory, args.amp
+            parse_shapes(args.shapes, args.quick), repeats, device, not args.no_memory, args.amp,
+            args.candidates,
         )
     if args.only in (None, "model", "training"):
         results["model_training"] = bench_model_training(model_repeats, image_size, device,
-                                                         args.image_width)
+                                                         args.image_width,
+                                                         tuple(args.model_norms))
     if args.only in (None, "model", "inference"):
         results["model_inference"] = bench_model_inference(
             model_repeats, image_size, device, args.image_width, not args.no_deployed)
     results["environment"]["loadavg_end"] = os.getloadavg()
+    if device.type == "cpu":  # what the output cache held at the end, and its hits
+        results["environment"]["mabn_output_cache_end"] = cpp.output_cache_stats()
+        # the process's peak resident memory (Linux: ru_maxrss in KiB)
+        results["environment"]["peak_rss_mib"] = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     results["targets"] = targets(results)
     if device.type == "cuda":
         print("\ntargets (CUDA)")

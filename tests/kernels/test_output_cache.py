@@ -11,6 +11,8 @@ from torch.profiler import ProfilerActivity, profile
 from mabn_d2 import MABN2d
 from mabn_d2.kernels import cpp
 
+from helpers import run_python
+
 MIB = 1 << 20
 SHAPE = (2, 16, 256, 256)  # 8 MiB of float32: above the cache's 4 MiB threshold
 
@@ -19,10 +21,10 @@ SHAPE = (2, 16, 256, 256)  # 8 MiB of float32: above the cache's 4 MiB threshold
 def cache():
     if not cpp.available():
         pytest.skip("the C++ kernels did not build (test_cpp_kernels_build_here says why)")
-    limit = cpp.output_cache_stats()["limit"] >> 20
+    limit = cpp.output_cache_stats()["limit"]
     cpp.empty_output_cache()
     yield cpp
-    cpp.set_output_cache_limit(limit)
+    cpp.set_output_cache_limit(None if limit < 0 else limit >> 20)
 
 
 def affine(x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +153,35 @@ def test_concurrent_outputs_from_threads(cache):
         t.join()
     assert not errors
     assert cache.output_cache_stats()["cached"] <= 24 * MIB
+
+
+@pytest.mark.e2e  # a child Python
+def test_default_limit_follows_what_the_outputs_held_at_once():
+    # A fresh process: the peak of blocks in use starts at 0. Freed blocks are kept only up to
+    # that peak, the least recently freed going first.
+    if not cpp.available():
+        pytest.skip("the C++ kernels did not build (test_cpp_kernels_build_here says why)")
+    result = run_python("""
+import torch
+from mabn_d2.kernels import cpp
+assert cpp.output_cache_stats()["limit"] == -1  # the default: what the model needs
+def affine(x):
+    c = x.shape[1]
+    return torch.ops.mabn_d2.channel_affine(x, torch.ones(c), torch.zeros(c))
+small, large = torch.randn(2, 16, 256, 256), torch.randn(2, 32, 256, 256)  # 8 and 16 MiB
+y = affine(small)
+del y
+assert cpp.output_cache_stats()["cached"] == 8 << 20  # within the peak so far (8 MiB)
+y = affine(large)  # no cached block fits: a new one; peak 16 MiB
+del y
+stats = cpp.output_cache_stats()
+assert stats["peak_in_use"] == 16 << 20 and stats["cached"] == 16 << 20, stats  # 8 MiB evicted
+y = affine(large)
+assert cpp.output_cache_stats()["hits"] == 1
+print("ok")
+""")
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
+        result.stdout + result.stderr)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "64", True])

@@ -33,6 +33,9 @@ def test_layer_benchmark_writes_ratios_and_first_calls(tmp_path):
         assert row["first_call_ratio_to_bn"] == pytest.approx(
             row["first_call_median_s"] / base["first_call_median_s"])
         assert row["peak_ratio_to_bn"] == pytest.approx(row["peak_bytes"] / base["peak_bytes"])
+        # the memory floor (2.5 copies into a warm buffer) is one per shape, timed in the run
+        assert row["memory_floor_s"] == base["memory_floor_s"] > 0
+        assert row["ratio_to_floor"] == pytest.approx(row["median_s"] / row["memory_floor_s"])
     # y and dx: two activation-sized outputs for MABN2d, at least one more for the naive one.
     mabn = next(r for r in saved["layer"] if r["candidate"] == "MABN2d")
     naive = next(r for r in saved["layer"] if r["candidate"] == "naive_MABN")

@@ -5,16 +5,20 @@
 // much as the kernel itself, in every training step (docs/speed.md). A block freed here waits
 // for the next output of about its size instead (best fit, at most 1/8 larger; of equal ones
 // the most recently freed, whose pages are likeliest still in cache). Freed blocks stay
-// allocated up to a limit (env MABN_D2_CPU_CACHE_MB, default 1024; 0 turns the cache off), the
-// least recently freed go first. Allocations are reported to PyTorch's profiler like the
+// allocated up to what the model needs: at most as many bytes as its outputs from here have
+// held at once (the peak of the blocks in use; a training step frees them all at its end and
+// the next one asks for the same again), or up to a fixed limit where one is set (env
+// MABN_D2_CPU_CACHE_MB; 0 turns the cache off); the least recently freed go first. Allocations are reported to PyTorch's profiler like the
 // default allocator's, so memory profiles and peak-memory numbers see them.
 #include "output_cache.h"
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -25,6 +29,8 @@ namespace {
 constexpr size_t kCacheMinBytes = size_t{4} << 20;
 constexpr size_t kCacheGranule = size_t{2} << 20;  // block sizes: multiples of 2 MiB
 constexpr size_t kPageAlign = 4096;
+constexpr int64_t kFollowModel = -1;
+constexpr size_t kNoLimit = std::numeric_limits<size_t>::max();
 
 class OutputCache final : public c10::Allocator {
  public:
@@ -47,6 +53,8 @@ class OutputCache final : public c10::Allocator {
         ++misses_;
       }
       in_use_ += nbytes;
+      blocks_in_use_ += block_size;
+      peak_blocks_in_use_ = std::max(peak_blocks_in_use_, blocks_in_use_);
       in_use = in_use_;
       held = in_use_ + cached_;
     }
@@ -63,13 +71,15 @@ class OutputCache final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
-  // Bytes; also evicts down to the new limit.
+  // Bytes, or kFollowModel: the peak of the blocks in use. Also evicts down to the new limit.
   void set_limit(int64_t bytes) {
-    TORCH_CHECK(bytes >= 0, "mabn_d2: the output cache limit must be >= 0 bytes, got ", bytes);
+    TORCH_CHECK(bytes >= 0 || bytes == kFollowModel,
+                "mabn_d2: the output cache limit must be >= 0 bytes (or -1: what the model "
+                "needs), got ", bytes);
     std::vector<Block> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      limit_ = static_cast<size_t>(bytes);
+      limit_ = bytes == kFollowModel ? kNoLimit : static_cast<size_t>(bytes);
       evict(0, evicted);
     }
     free_blocks(evicted);
@@ -77,12 +87,15 @@ class OutputCache final : public c10::Allocator {
 
   bool enabled() const { return limit_.load(std::memory_order_relaxed) > 0; }
 
-  // {limit, cached bytes, bytes in use, hits, misses}
+  // {limit (-1: what the model needs), cached bytes, bytes in use, hits, misses, peak of the
+  // blocks in use}
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {static_cast<int64_t>(limit_.load()), static_cast<int64_t>(cached_),
-            static_cast<int64_t>(in_use_), static_cast<int64_t>(hits_),
-            static_cast<int64_t>(misses_)};
+    const size_t limit = limit_.load();
+    return {limit == kNoLimit ? kFollowModel : static_cast<int64_t>(limit),
+            static_cast<int64_t>(cached_), static_cast<int64_t>(in_use_),
+            static_cast<int64_t>(hits_), static_cast<int64_t>(misses_),
+            static_cast<int64_t>(peak_blocks_in_use_)};
   }
 
   void empty() {
@@ -132,9 +145,12 @@ class OutputCache final : public c10::Allocator {
     for (const Block& b : blocks) std::free(b.ptr);
   }
 
+  // Under mutex_: how many freed bytes may stay.
+  size_t cap() const { return std::min(limit_.load(), peak_blocks_in_use_); }
+
   // Under mutex_: drops the least recently freed blocks until `incoming` more bytes fit.
   void evict(size_t incoming, std::vector<Block>& evicted) {
-    while (!free_.empty() && cached_ + incoming > limit_) {
+    while (!free_.empty() && cached_ + incoming > cap()) {
       auto oldest = free_.begin();
       for (auto it = free_.begin(); it != free_.end(); ++it) {
         if (it->second.second < oldest->second.second) oldest = it;
@@ -154,7 +170,8 @@ class OutputCache final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(cache.mutex_);
       cache.in_use_ -= lease->nbytes;
-      if (lease->size <= cache.limit_) {
+      cache.blocks_in_use_ -= lease->size;
+      if (lease->size <= cache.cap()) {
         cache.evict(lease->size, evicted);
         cache.free_.emplace(lease->size, std::make_pair(lease->ptr, ++cache.clock_));
         cache.cached_ += lease->size;
@@ -176,10 +193,13 @@ class OutputCache final : public c10::Allocator {
   // size -> (block, when freed): best fit by size, eviction by age (a linear scan: blocks are
   // at least kCacheMinBytes, so the limit allows few of them).
   std::multimap<size_t, std::pair<void*, uint64_t>> free_;
-  // The default; mabn_d2.kernels.cpp sets MABN_D2_CPU_CACHE_MB, where given, on load.
-  std::atomic<size_t> limit_{size_t{1024} << 20};
+  // The default follows the model; mabn_d2.kernels.cpp sets MABN_D2_CPU_CACHE_MB, where given,
+  // on load.
+  std::atomic<size_t> limit_{kNoLimit};
   size_t cached_ = 0;
   size_t in_use_ = 0;
+  size_t blocks_in_use_ = 0;  // their block sizes (in_use_: the bytes asked for)
+  size_t peak_blocks_in_use_ = 0;
   uint64_t clock_ = 0;
   uint64_t hits_ = 0;
   uint64_t misses_ = 0;

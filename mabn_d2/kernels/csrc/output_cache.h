@@ -19,7 +19,9 @@ c10::Allocator* output_cache_for(size_t nbytes);
 // The ops behind mabn_d2.kernels.cpp.set_output_cache_limit / output_cache_stats /
 // empty_output_cache.
 void set_output_cache_limit(int64_t bytes);
-std::vector<int64_t> output_cache_stats();  // {limit, cached bytes, bytes in use, hits, misses}
+// {limit (-1: what the model needs), cached bytes, bytes in use, hits, misses, peak of the
+// blocks in use}
+std::vector<int64_t> output_cache_stats();
 void empty_output_cache();
 
 }  // namespace mabn_d2
