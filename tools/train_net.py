@@ -30,14 +30,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from detectron2.engine import default_argument_parser
-
 import mabn_d2  # noqa: F401  (registers the norm "MABN" in detectron2)
-from mabn_d2.cli import run_tool, strip_debug_flag
 from mabn_d2.engine import MABNTrainer, setup_from_args
 from mabn_d2.engine.atomic_checkpointer import AtomicCheckpointer, load_eval_weights
-from mabn_d2.engine.launch import launch  # detectron2's launch; gloo processes without CUDA
-from mabn_d2.validation import check_launch_args, load_yacs_cfg, validate_yacs_cfg
+from mabn_d2.engine.launch import launch_from_command_line
+from mabn_d2.validation import load_yacs_cfg, validate_yacs_cfg
 
 
 def main(args: argparse.Namespace):
@@ -56,22 +53,15 @@ def main(args: argparse.Namespace):
     return trainer.train()
 
 
+def check_config(args: argparse.Namespace) -> None:
+    """The config of a multi-process run, checked before its processes start."""
+    validate_yacs_cfg(load_yacs_cfg(args.config_file, args.opts), eval_only=args.eval_only,
+                      resume=args.resume)
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The command line: arguments and config checked before any process starts or anything
-    is created; a user error is one message and exit code 2 (``--debug``: the traceback)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-
-    def run() -> None:
-        args = default_argument_parser().parse_args(strip_debug_flag(argv))
-        print("Command Line Args:", args)
-        check_launch_args(args)
-        if args.num_gpus * args.num_machines > 1:  # in-process runs check in setup_from_args
-            validate_yacs_cfg(load_yacs_cfg(args.config_file, args.opts),
-                              eval_only=args.eval_only, resume=args.resume)
-        launch(main, args.num_gpus, num_machines=args.num_machines,
-               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
-
-    return run_tool("train_net.py", run, argv)
+    """The command line; a user error is one message and exit code 2 (``--debug``: traceback)."""
+    return launch_from_command_line("train_net.py", main, check_config, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -35,10 +35,17 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
-from ..cli import USER_ERROR_EXIT_CODE, UserError, debug_requested, report_user_error
+from ..cli import (
+    USER_ERROR_EXIT_CODE,
+    UserError,
+    debug_requested,
+    report_user_error,
+    run_tool,
+    strip_debug_flag,
+)
 from ..detectron2_compat import create_local_process_group, find_free_port
 
-__all__ = ["launch", "die_with_parent"]
+__all__ = ["launch", "launch_from_command_line", "die_with_parent"]
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -162,3 +169,31 @@ def _let_ddp_wrap_cpu_models() -> None:
     d2_defaults.create_ddp_model = create_ddp_model
     logger.info("mabn_d2: in this gloo worker, create_ddp_model wraps CPU models without "
                 "device_ids")
+
+
+def launch_from_command_line(tool: str, main_func: Callable[[Any], Any],
+                             check_config: Callable[[Any], None],
+                             argv: Sequence[str] | None = None) -> int:
+    """A training tool's command line (``tools/train_net.py``, ``tools/lazyconfig_train_net.py``):
+    detectron2's ``default_argument_parser``, then :func:`launch` of ``main_func(args)``.
+
+    The launch arguments are checked first, and for a multi-process run ``check_config(args)``
+    too, before any process starts or anything is created (an in-process run checks its
+    config in its own set-up). A user error is one message and exit code 2
+    (:func:`mabn_d2.cli.run_tool`; ``--debug``: the traceback). Returns the exit code."""
+    from detectron2.engine import default_argument_parser
+
+    from ..validation import check_launch_args  # not at import: validation is tool-side
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def run() -> None:
+        args = default_argument_parser().parse_args(strip_debug_flag(argv))
+        print("Command Line Args:", args)
+        check_launch_args(args)
+        if args.num_gpus * args.num_machines > 1:
+            check_config(args)
+        launch(main_func, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+
+    return run_tool(tool, run, argv)
