@@ -45,7 +45,9 @@ def cpu_kernels() -> tuple[list, dict]:
                 library = Path(self.get_ext_fullpath(ext.name))
                 if library.exists():
                     name = cpp.INSTALLED_MODULE.rsplit(".", 1)[1] + cpp.RECORD_SUFFIX
-                    library.with_name(name).write_text(json.dumps(record))
+                    # with the library's size and SHA-256: checked before it is loaded
+                    library.with_name(name).write_text(
+                        json.dumps({**record, "library": cpp._fingerprint(library)}))
 
         def get_outputs(self) -> list[str]:
             return [path for path in super().get_outputs() if Path(path).exists()]

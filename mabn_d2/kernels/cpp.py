@@ -168,6 +168,16 @@ def installed_build_problem(record: dict[str, object] | None) -> str | None:
     return None
 
 
+def installed_library_problem(library: Path, record: dict[str, object] | None) -> str | None:
+    """Why the installed ``library`` does not match the size and SHA-256 its ``record`` has
+    (a truncated library would kill the process with ``Bus error`` when mapped), or ``None``;
+    also ``None`` for a record made before mabn_d2 recorded them."""
+    recorded = (record or {}).get("library")
+    if recorded is None or recorded == _fingerprint(library):
+        return None
+    return "it does not match its recorded size and SHA-256 (truncated or damaged)"
+
+
 def _installed_library() -> Path | None:
     spec = importlib.util.find_spec(INSTALLED_MODULE)
     return Path(spec.origin) if spec is not None and spec.origin else None
@@ -190,7 +200,7 @@ def _load_installed() -> bool:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
         record = None
-    problem = installed_build_problem(record)
+    problem = installed_build_problem(record) or installed_library_problem(library, record)
     if problem is None:
         try:
             torch.ops.load_library(str(library))

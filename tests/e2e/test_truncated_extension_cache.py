@@ -22,7 +22,9 @@ def _load(extensions) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", LOAD], cwd=REPO, capture_output=True,
                           text=True, timeout=1200,
                           env=subprocess_env(TORCH_EXTENSIONS_DIR=str(extensions),
-                                             OMP_NUM_THREADS="1"))
+                                             OMP_NUM_THREADS="1",
+                                             # the just-in-time build's cache, not the install's
+                                             MABN_D2_CPP_BUILD="jit"))
 
 
 def test_a_truncated_cached_library_is_rebuilt_not_a_bus_error(tmp_path):

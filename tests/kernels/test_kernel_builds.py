@@ -92,3 +92,13 @@ def test_install_without_a_compiler_still_succeeds(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "mabn_d2/kernels/csrc/fused_step.cpp" in names  # for the build at first use
     assert not [n for n in names if "/_C." in n], names
+
+
+def test_installed_library_is_checked_against_its_recorded_size_and_sha256(tmp_path):
+    library = tmp_path / "_C.so"
+    library.write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
+    record = {**cpp.build_record(), "library": cpp._fingerprint(library)}
+    assert cpp.installed_library_problem(library, record) is None
+    assert cpp.installed_library_problem(library, cpp.build_record()) is None  # older record
+    library.write_bytes(library.read_bytes()[:1000])  # a copy cut short
+    assert "recorded size and SHA-256" in cpp.installed_library_problem(library, record)
