@@ -44,9 +44,8 @@ def cpu_kernels() -> tuple[list, dict]:
             for ext in self.extensions:  # the record next to the library, wherever it went
                 library = Path(self.get_ext_fullpath(ext.name))
                 if library.exists():
-                    name = cpp.INSTALLED_MODULE.rsplit(".", 1)[1] + cpp.RECORD_SUFFIX
                     # with the library's size and SHA-256: checked before it is loaded
-                    library.with_name(name).write_text(
+                    cpp.record_path(library).write_text(
                         json.dumps({**record, "library": cpp._fingerprint(library)}))
 
         def get_outputs(self) -> list[str]:

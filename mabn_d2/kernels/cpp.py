@@ -5,8 +5,8 @@ this order (:func:`build_info` tells which was used and why not the first):
 
 1. **Installed**: ``pip install`` / ``make venv`` builds it as the extension
    ``mabn_d2.kernels._C`` (``setup.py``, as detectron2 builds its ``_C``) and writes next to it
-   a record of what it was built from (``_C.build.json``: the digest of ``csrc/``, the torch
-   version, the flags). It is loaded only if that record matches today's sources, torch and
+   a record of what it was built from (``_C.<abi>.so.build.json``, one per Python ABI: the
+   digest of ``csrc/``, the torch version, the flags). It is loaded only if that record matches today's sources, torch and
    CPU; otherwise (a stale editable install, another torch) it is skipped, with one log line.
 2. **Just in time**: ``mabn_d2_cpp_<digest>``, built with
    :func:`torch.utils.cpp_extension.load` the first time MABN runs on the CPU in a process
@@ -168,6 +168,13 @@ def installed_build_problem(record: dict[str, object] | None) -> str | None:
     return None
 
 
+def record_path(library: Path) -> Path:
+    """Where the build record of the installed ``library`` lives: named after the library file,
+    so builds for two Pythons in one checkout (``_C.cpython-311-*.so``, ``_C.cpython-313-*.so``)
+    each keep their own record."""
+    return library.with_name(library.name + RECORD_SUFFIX)
+
+
 def installed_library_problem(library: Path, record: dict[str, object] | None) -> str | None:
     """Why the installed ``library`` does not match the size and SHA-256 its ``record`` has
     (a truncated library would kill the process with ``Bus error`` when mapped), or ``None``;
@@ -195,9 +202,8 @@ def _load_installed() -> bool:
         logger.info("mabn_d2: the C++ kernels were not built at install; building them just in "
                     "time")
         return False
-    record_path = library.parent / (INSTALLED_MODULE.rsplit(".", 1)[1] + RECORD_SUFFIX)
     try:
-        record = json.loads(record_path.read_text())
+        record = json.loads(record_path(library).read_text())
     except (OSError, ValueError):
         record = None
     problem = installed_build_problem(record) or installed_library_problem(library, record)

@@ -94,6 +94,16 @@ def test_install_without_a_compiler_still_succeeds(tmp_path):
     assert not [n for n in names if "/_C." in n], names
 
 
+def test_each_python_abi_keeps_its_own_build_record(tmp_path):
+    # CI installs two stacks (Python 3.11 and 3.13) into one checkout side by side: one
+    # record for both would make each build look damaged to the other.
+    libraries = [tmp_path / "_C.cpython-311-x86_64-linux-gnu.so",
+                 tmp_path / "_C.cpython-313-x86_64-linux-gnu.so"]
+    records = [cpp.record_path(library) for library in libraries]
+    assert len(set(records)) == 2
+    assert all(record.parent == tmp_path for record in records)
+
+
 def test_installed_library_is_checked_against_its_recorded_size_and_sha256(tmp_path):
     library = tmp_path / "_C.so"
     library.write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
