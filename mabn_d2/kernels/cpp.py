@@ -6,8 +6,9 @@ this order (:func:`build_info` tells which was used and why not the first):
 1. **Installed**: ``pip install`` / ``make venv`` builds it as the extension
    ``mabn_d2.kernels._C`` (``setup.py``, as detectron2 builds its ``_C``) and writes next to it
    a record of what it was built from (``_C.<abi>.so.build.json``, one per Python ABI: the
-   digest of ``csrc/``, the torch version, the flags). It is loaded only if that record matches today's sources, torch and
-   CPU; otherwise (a stale editable install, another torch) it is skipped, with one log line.
+   digest of ``csrc/``, the torch version, the flags). It is loaded only if that record matches
+   today's sources, torch and CPU; otherwise (a stale editable install, another torch) it is
+   skipped, with one log line.
 2. **Just in time**: ``mabn_d2_cpp_<digest>``, built with
    :func:`torch.utils.cpp_extension.load` the first time MABN runs on the CPU in a process
    (ninja is required; it compiles the units in parallel; docs/speed.md says how long it
