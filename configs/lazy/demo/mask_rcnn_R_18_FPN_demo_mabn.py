@@ -2,7 +2,7 @@
 # (with its base configs/demo/Base-Demo-RCNN-FPN.yaml), same model, data and schedule. Mask
 # R-CNN R-18-FPN (FPN width 64, 4conv-1fc box head and mask head of width 64) with MABN in the
 # ResNet, the FPN, the box and the mask head, trained from scratch on the embedded procedural
-# shapes (128x128 images, 4 categories; written under ./datasets on first use) for 400
+# shapes (128x128 images, 4 categories; written under ./datasets on first use) for 600
 # iterations of 4 images on the CPU, then COCO-evaluated (box and mask AP) on the held-out split.
 #
 #   python tools/lazyconfig_train_net.py \
@@ -21,12 +21,12 @@ from mabn_d2 import MABNSettings
 
 from ..mask_rcnn_R_50_FPN_2x_mabn_scratch import dataloader, model, optimizer, train
 
-# The paper's settings except the buffer: a 400-iteration high-LR schedule changes the weights
+# The paper's settings except the buffer: a 600-iteration high-LR schedule changes the weights
 # quickly, so 4 iterations of statistics instead of 16 (see the YAML demo and docs/training.md).
 mabn = L(MABNSettings)(
     buffer_size=4,  # paper: 16 (for 180k iterations)
     warmup_iters=100,
-    renorm_start_iter=1000,  # batch renormalisation never starts in 400 iterations
+    renorm_start_iter=1000,  # batch renormalisation never starts in 600 iterations
     momentum=0.02,
 )
 
@@ -39,12 +39,12 @@ model.backbone.out_channels = 64
 _rpn = model.proposal_generator
 _rpn.head.in_channels = 64
 _rpn.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
-_rpn.pre_nms_topk = (1000, 500)  # (training, test), per FPN level
-_rpn.post_nms_topk = (500, 250)
+_rpn.pre_nms_topk = (500, 500)  # (training, test), per FPN level
+_rpn.post_nms_topk = (250, 250)
 
 _roi_heads = model.roi_heads
 _roi_heads.num_classes = 4
-_roi_heads.batch_size_per_image = 128
+_roi_heads.batch_size_per_image = 64
 _roi_heads.box_head.input_shape = ShapeSpec(channels=64, height=7, width=7)
 _roi_heads.box_head.conv_dims = [64, 64, 64, 64]
 _roi_heads.box_head.fc_dims = [256]
@@ -66,15 +66,15 @@ dataloader.test.mapper.augmentations = [
 dataloader.test.num_workers = 1
 
 optimizer.lr = 0.02
-train.max_iter = 400
-# LR x0.1 at iteration 300, linear warm-up over the first 50 (SOLVER.STEPS, WARMUP_ITERS),
+train.max_iter = 600
+# LR x0.1 at iteration 450, linear warm-up over the first 50 (SOLVER.STEPS, WARMUP_ITERS),
 # as fractions of train.max_iter (another max_iter scales them).
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[300], num_updates=400),
-    warmup_length=50 / 400,
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[450], num_updates=600),
+    warmup_length=50 / 600,
     warmup_factor=0.001,
 )
-train.checkpointer.period = 200
+train.checkpointer.period = 300
 train.device = "cpu"
-train.seed = 42
+train.seed = 0
 train.output_dir = "output/lazy_demo"
