@@ -3,7 +3,8 @@
 
 The expected numbers live in one place, ``configs/demo/expected_results.json``: the box and
 mask AP and the wall time of ``make demo`` for several seeds, with the thread count and the
-stack they were measured on. The README states their mean ± std (a test keeps the two the
+stack they were measured on (a run's time is ``null`` where other work shared the CPU: its AP
+counts, its time does not). The README states their mean ± std (a test keeps the two the
 same). This tool reads the run's ``OUTPUT_DIR/eval_results.json`` and prints, for each number,
 the expected range and where the run falls::
 
@@ -64,7 +65,26 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def expected_stats(expected: dict, key: str) -> tuple[float, float]:
-    return mean_std([run[key] for run in expected["runs"]])
+    """Mean and std of ``key`` over the expected runs that have it (a run timed while other
+    work shared the CPU has ``"seconds": null``: its AP counts, its time does not)."""
+    return mean_std([run[key] for run in expected["runs"] if run.get(key) is not None])
+
+
+def _seed_list(runs: Sequence[dict]) -> str:
+    """The runs' seeds, consecutive ones as a range: ``0-9``, ``0-2, 5, 7``."""
+    seeds, parts = [run["seed"] for run in runs], []
+    start = 0
+    for i in range(1, len(seeds) + 1):
+        if i == len(seeds) or seeds[i] != seeds[i - 1] + 1:
+            first, last = seeds[start], seeds[i - 1]
+            parts.append(str(first) if first == last else
+                         f"{first}, {last}" if last == first + 1 else f"{first}-{last}")
+            start = i
+    return ", ".join(parts)
+
+
+def timed_runs(expected: dict) -> list[dict]:
+    return [run for run in expected["runs"] if run.get("seconds") is not None]
 
 
 def _threads(n: int) -> str:
@@ -73,14 +93,18 @@ def _threads(n: int) -> str:
 
 def readme_summary(expected: dict) -> str:
     """The sentence the README states (tests/dev/test_demo_report.py keeps them the same)."""
-    seeds = ", ".join(str(run["seed"]) for run in expected["runs"])
     parts = []
     for key, (_, label) in METRICS.items():
         mean, std = expected_stats(expected, key)
         parts.append(f"{label} {mean:.1f} ± {std:.1f}")
-    mean, std = expected_stats(expected, "seconds")
-    return (f"{', '.join(parts)}, {_format_seconds(mean)} ± {std:.0f} s (mean ± std over seeds "
-            f"{seeds}; {_threads(expected['threads'])})")
+    text = (f"{', '.join(parts)} (mean ± std over seeds {_seed_list(expected['runs'])}; "
+            f"{_threads(expected['threads'])})")
+    timed = timed_runs(expected)
+    if timed:
+        mean, std = expected_stats(expected, "seconds")
+        text += (f", training + evaluation {_format_seconds(mean)} ± {std:.0f} s (seeds "
+                 f"{_seed_list(timed)}, each alone on the machine)")
+    return text
 
 
 def _format_seconds(seconds: float) -> str:
@@ -115,7 +139,7 @@ def ap_section(run: Run, expected: dict) -> list[str]:
 
 
 def time_section(run: Run, expected: dict) -> list[str]:
-    if run.seconds is None:
+    if run.seconds is None or not timed_runs(expected):
         return []
     mean, std = expected_stats(expected, "seconds")
     return [f"time {_format_seconds(run.seconds)}: expected {_format_seconds(mean)} ± "
@@ -126,11 +150,11 @@ def time_section(run: Run, expected: dict) -> list[str]:
 def setting_section(run: Run, expected: dict) -> list[str]:
     lines = []
     seed = run.seed()
-    seeds = [r["seed"] for r in expected["runs"]]
     lines.append(f"run: SEED {seed}" + ("" if run.threads is None else
                                         f", {_threads(run.threads)}")
-                 + f"; expected range: seeds {', '.join(map(str, seeds))}, "
-                   f"{_threads(expected['threads'])}, {expected['stack']}")
+                 + f"; expected range: seeds {_seed_list(expected['runs'])}, "
+                   f"{_threads(expected['threads'])}, {expected['stack']}"
+                 + (f", commit {expected['commit']}" if "commit" in expected else ""))
     if run.threads is not None and run.threads != expected["threads"]:
         lines.append(f"note: the range was measured with {_threads(expected['threads'])}; "
                      "other thread counts round differently (AP moves within the seed spread)")

@@ -16,7 +16,7 @@ driver = import_script("studies/detection_comparison.py")
 
 
 def test_commands_override_norm_schedule_seed_and_centralization(tmp_path):
-    assert driver.base_schedule(driver.DEMO_CONFIG) == (400, (300,))
+    assert driver.base_schedule(driver.DEMO_CONFIG) == (600, (450,))
     cmd = driver.train_command(driver.DEMO_CONFIG, "MABN w/o centralization", 2, 1,
                                tmp_path / "run", (400, (300,)))
     opts = dict(zip(cmd[4::2], cmd[5::2]))
