@@ -53,7 +53,7 @@ test-fast: venv
 # 2 threads, 1.27 with 2 passive threads, 1.26 with 1 thread; idle: 0.38 with 2).
 DEMO_THREADS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || nproc)
 DEMO_WAIT_POLICY ?= PASSIVE
-# e.g. make demo SEED=1 (default: the config's SEED 42); DEMO_OPTS: more cfg overrides.
+# e.g. make demo SEED=1 (default: the config's SEED 0); DEMO_OPTS: more cfg overrides.
 SEED ?=
 DEMO_OPTS ?=
 demo: venv
