@@ -12,6 +12,8 @@ resumes. Writes ``<out>/detection_comparison.json`` and ``.png`` and prints a ta
     python studies/detection_comparison.py --dry-run            # print the commands only
     python studies/detection_comparison.py --jobs 2             # two runs at a time, 1 thread each
     python studies/detection_comparison.py --no-train           # table of the runs finished so far
+    python studies/detection_comparison.py --seeds 5 --reuse earlier/detection_comparison.json \
+        configs/demo/expected_results.json                    # earlier runs count as finished
 """
 
 from __future__ import annotations
@@ -79,6 +81,32 @@ def read_ap(out_dir: Path) -> dict[str, float] | None:
     results = json.loads(path.read_text())
     dataset = next(iter(results.values()))
     return {"box_AP": dataset["bbox"]["AP"], "mask_AP": dataset["segm"]["AP"]}
+
+
+def reused_runs(paths: Sequence[Path], config: Path, max_iter: int) -> dict[tuple, dict]:
+    """Finished runs recorded in earlier outputs, by ``(setting, schedule, seed)``: this
+    script's ``detection_comparison.json`` or the demo's ``expected_results.json`` (its runs
+    are MABN at schedule 1: ``make demo`` trains the demo config as this script's MABN row
+    does). A file made from another config or base schedule is an error."""
+    found: dict[tuple, dict] = {}
+    for path in paths:
+        record = json.loads(path.read_text())
+        recorded = Path(record.get("config", ""))
+        recorded = recorded if recorded.is_absolute() else REPO / recorded
+        if recorded.resolve() != config.resolve():
+            raise ValueError(f"--reuse {path}: made from {record.get('config')!r}, not "
+                             f"{config}; reuse only runs of the same config")
+        demo_record = "base_max_iter" not in record
+        if not demo_record and record["base_max_iter"] != max_iter:
+            raise ValueError(f"--reuse {path}: base schedule {record['base_max_iter']} "
+                             f"iterations, not {max_iter}")
+        for run in record["runs"]:
+            setting, schedule = ("MABN", 1) if demo_record else (run["setting"], run["schedule"])
+            if run["box_AP"] is not None:
+                found[(setting, schedule, run["seed"])] = {
+                    "setting": setting, "schedule": schedule, "seed": run["seed"],
+                    "box_AP": run["box_AP"], "mask_AP": run["mask_AP"], "reused_from": str(path)}
+    return found
 
 
 def summarize(runs: Sequence[dict]) -> list[dict]:
@@ -156,14 +184,20 @@ def main(argv: Sequence[str] | None = None, *,
                         help="runs trained at the same time (default 1)")
     parser.add_argument("--no-train", action="store_true",
                         help="summarize the finished runs only (train nothing)")
+    parser.add_argument("--reuse", nargs="+", type=Path, default=[],
+                        help="earlier results whose runs count as finished: this script's "
+                             "detection_comparison.json or configs/demo/expected_results.json")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1 or any(s < 1 for s in args.schedules):
         parser.error("--seeds, --jobs and --schedules must be >= 1")
     base = base_schedule(args.config_file)
+    reused = reused_runs(args.reuse, args.config_file, base[0])
     planned = [(setting, schedule, seed) for schedule in args.schedules
                for seed in range(args.seeds) for setting in args.norms]
     if args.dry_run:
         for setting, schedule, seed in planned:
+            if (setting, schedule, seed) in reused:
+                continue
             out_dir = run_dir(args.out, setting, schedule, seed)
             print(" ".join(train_command(args.config_file, setting, schedule, seed, out_dir, base)))
         return []
@@ -172,6 +206,8 @@ def main(argv: Sequence[str] | None = None, *,
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
     def train(setting: str, schedule: int, seed: int) -> dict:
+        if (setting, schedule, seed) in reused:
+            return reused[(setting, schedule, seed)]
         out_dir = run_dir(args.out, setting, schedule, seed)
         if read_ap(out_dir) is None and not args.no_train:
             out_dir.mkdir(parents=True, exist_ok=True)

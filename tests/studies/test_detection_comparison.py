@@ -85,3 +85,39 @@ def test_no_train_summarizes_finished_runs_only(tmp_path):
                        run=lambda *a, **k: pytest.fail("trained"))
     assert [(r["setting"], r["schedule"], r["seeds"]) for r in rows] == [("BN", 2, 1)]
     assert "| BN | 800 | 30.0 ± 0.0 | 25.0 ± 0.0 | 1 |" in driver.format_table(rows, 400)
+
+
+def test_reused_runs_count_as_finished_and_other_configs_are_refused(tmp_path):
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({
+        "config": str(driver.DEMO_CONFIG), "base_max_iter": 600,
+        "runs": [{"setting": "GN", "schedule": 1, "seed": 0, "box_AP": 70.0, "mask_AP": 60.0},
+                 {"setting": "GN", "schedule": 1, "seed": 1, "box_AP": None, "mask_AP": None}]}))
+    demo = tmp_path / "expected_results.json"
+    demo.write_text(json.dumps({"config": "configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml",
+                                "runs": [{"seed": 0, "box_AP": 76.0, "mask_AP": 71.0,
+                                          "seconds": 300}]}))
+    trained = []
+
+    def fake_run(cmd, stdout, stderr, cwd, env):
+        opts = dict(zip(cmd[4::2], cmd[5::2]))
+        trained.append((opts["MODEL.RESNETS.NORM"], opts["SEED"]))
+        _write_ap(Path(opts["OUTPUT_DIR"]), 50.0, 40.0)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    rows = driver.main(["--norms", "GN", "MABN", "--schedules", "1", "--seeds", "2", "--out",
+                        str(tmp_path / "out"), "--reuse", str(earlier), str(demo)], run=fake_run)
+    # GN seed 1 was not finished in the earlier file: trained; MABN seed 0 is the demo's run
+    assert sorted(trained) == [("GN", "1"), ("MABN", "1")]
+    by_setting = {r["setting"]: r for r in rows}
+    assert by_setting["GN"]["box_AP_values"] == [70.0, 50.0]
+    assert by_setting["MABN"]["box_AP_values"] == [76.0, 50.0]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"config": "configs/other.yaml", "base_max_iter": 600,
+                                 "runs": []}))
+    with pytest.raises(ValueError, match="reuse only runs of the same config"):
+        driver.main(["--dry-run", "--reuse", str(other)])
+    earlier.write_text(json.dumps({"config": str(driver.DEMO_CONFIG), "base_max_iter": 400,
+                                   "runs": []}))
+    with pytest.raises(ValueError, match="base schedule 400 iterations, not 600"):
+        driver.main(["--dry-run", "--reuse", str(earlier)])
