@@ -83,6 +83,15 @@ def read_ap(out_dir: Path) -> dict[str, float] | None:
     return {"box_AP": dataset["bbox"]["AP"], "mask_AP": dataset["segm"]["AP"]}
 
 
+def repo_relative(path: Path) -> str:
+    """``path`` relative to the repository when inside it: a recorded config that names the
+    same file in every clone."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def reused_runs(paths: Sequence[Path], config: Path, max_iter: int) -> dict[tuple, dict]:
     """Finished runs recorded in earlier outputs, by ``(setting, schedule, seed)``: this
     script's ``detection_comparison.json`` or the demo's ``expected_results.json`` (its runs
@@ -228,7 +237,7 @@ def main(argv: Sequence[str] | None = None, *,
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "detection_comparison.json").write_text(json.dumps(
-        {"config": str(args.config_file), "base_max_iter": base[0], "summary": rows,
+        {"config": repo_relative(args.config_file), "base_max_iter": base[0], "summary": rows,
          "runs": runs}, indent=1))
     plot(rows, base[0], args.out / "detection_comparison.png")
     return rows

@@ -112,6 +112,9 @@ def test_reused_runs_count_as_finished_and_other_configs_are_refused(tmp_path):
     by_setting = {r["setting"]: r for r in rows}
     assert by_setting["GN"]["box_AP_values"] == [70.0, 50.0]
     assert by_setting["MABN"]["box_AP_values"] == [76.0, 50.0]
+    # recorded relative to the repository, so that another clone can reuse the file
+    written = json.loads((tmp_path / "out" / "detection_comparison.json").read_text())
+    assert written["config"] == "configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml"
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"config": "configs/other.yaml", "base_max_iter": 600,
                                  "runs": []}))
