@@ -47,27 +47,30 @@ test-fast: venv
 	$(PY) -m pytest -q -ra --durations=10 -m "not e2e and not cuda" tests
 
 # CPU threads of the demo: every core this process may use (its expected range,
-# configs/demo/expected_results.json, was measured so), with OpenMP's passive wait policy: with
-# the default (active) policy, two threads on a 2-core machine that is busy with other work
-# stall each other (measured 2026-12-06, 40 iterations, both cores busy: 2.15 s/iteration with
-# 2 threads, 1.27 with 2 passive threads, 1.26 with 1 thread; idle: 0.38 with 2).
+# configs/demo/expected_results.json, was measured so). OpenMP's wait policy does not change
+# the arithmetic, only the speed: auto = ACTIVE when the cores are free at the start, PASSIVE
+# when other work holds them (spinning threads then stall: dev/demo_cpu.py has the numbers).
 DEMO_THREADS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || nproc)
-DEMO_WAIT_POLICY ?= PASSIVE
+DEMO_WAIT_POLICY ?= auto
 # e.g. make demo SEED=1 (default: the config's SEED 0); DEMO_OPTS: more cfg overrides.
 SEED ?=
 DEMO_OPTS ?=
 demo: venv
-	@start=$$(date +%s); \
-	OMP_NUM_THREADS=$(DEMO_THREADS) OMP_WAIT_POLICY=$(DEMO_WAIT_POLICY) $(PY) tools/train_net.py --config-file $(DEMO_CONFIG) \
+	@policy=$(DEMO_WAIT_POLICY); \
+	if [ "$$policy" = auto ]; then policy=$$($(PY) dev/demo_cpu.py) || exit 1; fi; \
+	mkdir -p $(DEMO_OUT) && echo $$policy > $(DEMO_OUT)/wait_policy.txt; \
+	start=$$(date +%s); \
+	OMP_NUM_THREADS=$(DEMO_THREADS) OMP_WAIT_POLICY=$$policy $(PY) tools/train_net.py --config-file $(DEMO_CONFIG) \
 		OUTPUT_DIR $(DEMO_OUT) $(if $(SEED),SEED $(SEED)) $(DEMO_OPTS) && \
 	echo $$(( $$(date +%s) - start )) > $(DEMO_OUT)/train_and_evaluate_seconds.txt
 	# Pictures: 8 held-out images, ground truth (left) beside the predictions (right).
-	OMP_NUM_THREADS=$(DEMO_THREADS) OMP_WAIT_POLICY=$(DEMO_WAIT_POLICY) $(PY) tools/predict.py --config-file $(DEMO_CONFIG) \
+	OMP_NUM_THREADS=$(DEMO_THREADS) OMP_WAIT_POLICY=$$(cat $(DEMO_OUT)/wait_policy.txt) $(PY) tools/predict.py --config-file $(DEMO_CONFIG) \
 		--dataset mabn_demo_shapes_val --num-images 8 --output $(DEMO_OUT)/predictions \
 		--opts MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth > $(DEMO_OUT)/predictions.txt
 	@echo "prediction pictures: $(DEMO_OUT)/predictions/ (detections: $(DEMO_OUT)/predictions.txt)"
 	$(PY) tools/plot_training_curves.py $(DEMO_OUT)/metrics.json
 	@$(PY) dev/demo_report.py --output-dir $(DEMO_OUT) --threads $(DEMO_THREADS) \
+		--wait-policy $$(cat $(DEMO_OUT)/wait_policy.txt) \
 		--seconds $$(cat $(DEMO_OUT)/train_and_evaluate_seconds.txt)
 
 # Speed/memory of MABN vs BN/GN (docs/speed.md); e.g. make benchmark BENCH_ARGS=--quick

@@ -13,6 +13,7 @@ from helpers import REPO, import_script
 demo_report = import_script("dev/demo_report.py")
 
 EXPECTED = {"threads": 1, "machine": "a test CPU", "stack": "a test stack",
+            "wait_policy": "PASSIVE",
             "runs": [{"seed": s, "box_AP": ap, "mask_AP": ap - 5, "seconds": 300 + 10 * s}
                      for s, ap in ((0, 48.0), (1, 50.0), (2, 52.0))]}
 
@@ -59,9 +60,30 @@ def test_runs_timed_beside_other_work_count_for_the_ap_not_the_time(tmp_path):
     assert summary.startswith("box AP 51.0 ± 2.6, mask AP 46.0 ± 2.6 (mean ± std over seeds "
                               "0-3; 1 thread)")
     assert summary.endswith("training + evaluation 5 min 10 s ± 10 s (seeds 0-2, each alone "
-                            "on the machine)")
+                            "on the machine, passive wait)")
     run = demo_report.Run(_run_dir(tmp_path, 51.0, 46.0), threads=1, seconds=310)
     assert demo_report.report(run, loaded)[-1].startswith("time 5 min 10 s: expected 5 min 10 s")
+
+
+def test_time_is_compared_with_runs_of_the_same_wait_policy(tmp_path):
+    runs = [{**EXPECTED["runs"][0], "seconds": 300, "wait_policy": "ACTIVE"},
+            {**EXPECTED["runs"][1], "seconds": 320, "wait_policy": "ACTIVE"},
+            {**EXPECTED["runs"][2], "seconds": 500}]  # the file's policy: PASSIVE
+    loaded = {**EXPECTED, "runs": runs}
+    assert demo_report.readme_summary(loaded).endswith(
+        "(seeds 0-2, each alone on the machine, active/passive wait)")
+    directory = _run_dir(tmp_path, 50.0, 45.0)
+    active = demo_report.Run(directory, threads=1, seconds=310, wait_policy="ACTIVE")
+    lines = demo_report.report(active, loaded)
+    assert "1 thread, active wait" in lines[0]
+    assert lines[-1].startswith("time 5 min 10 s: expected 5 min 10 s ± 14 s on a test CPU "
+                                "(seeds 0, 1, alone); within the expected range")
+    passive = demo_report.Run(directory, threads=1, seconds=310, wait_policy="PASSIVE")
+    assert "expected 8 min 20 s ± 0 s" in demo_report.report(passive, loaded)[-1]
+    only_active = {**loaded, "runs": runs[:2]}
+    busy = demo_report.report(passive, only_active)[-1]
+    assert busy.startswith("time 5 min 10 s with OMP_WAIT_POLICY=PASSIVE") and \
+        "measured with ACTIVE on an idle machine, so it is not compared" in busy
 
 
 def test_seed_lists_name_consecutive_seeds_as_ranges():
@@ -84,7 +106,7 @@ def test_main_prints_the_report_and_fails_without_results(tmp_path, capsys):
     assert "did the run finish?" in capsys.readouterr().out
     _run_dir(tmp_path, 50.0, 45.0)
     assert demo_report.main(["--output-dir", str(tmp_path), "--expected", str(path),
-                             "--threads", "1", "--seconds", "310"]) == 0
+                             "--threads", "1", "--seconds", "310", "--wait-policy", "passive"]) == 0
     out = capsys.readouterr().out
     assert "box AP 50.0: expected 50.0 ± 2.0" in out and "time 5 min 10 s" in out
     assert "note:" not in out  # same thread count
