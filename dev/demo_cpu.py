@@ -6,10 +6,11 @@ so: another thread count rounds differently). Only the wait policy is chosen her
 not change the arithmetic (same threads, same work split; seeds 0 and 1 gave the same AP to
 every digit with both policies):
 
-- ``ACTIVE`` (threads spin between parallel regions) when the cores are idle: 0.39 instead of
-  0.55 s per demo iteration on an idle 2-core VM (docs/training.md);
+- ``ACTIVE`` (threads spin between parallel regions) when the cores are idle: 0.37-0.39
+  instead of 0.55 s per demo iteration on an idle 2-core VM (docs/training.md);
 - ``PASSIVE`` (threads sleep) when other work holds some of them: spinning threads then take
-  turns with that work, 2.15 instead of 1.27 s per iteration with both cores busy.
+  turns with that work (2.11 instead of 1.23 s per iteration with both cores busy, 1.36
+  instead of 0.89 with one).
 
 Prints the policy on stdout and the reason on stderr::
 

@@ -83,7 +83,8 @@ def test_time_is_compared_with_runs_of_the_same_wait_policy(tmp_path):
     only_active = {**loaded, "runs": runs[:2]}
     busy = demo_report.report(passive, only_active)[-1]
     assert busy.startswith("time 5 min 10 s with OMP_WAIT_POLICY=PASSIVE") and \
-        "measured with ACTIVE on an idle machine, so it is not compared" in busy
+        "measured with ACTIVE on an idle machine (make demo uses PASSIVE when other work " \
+        "holds the cores), so it is not compared" in busy
 
 
 def test_seed_lists_name_consecutive_seeds_as_ranges():
