@@ -56,8 +56,7 @@ DEMO_WAIT_POLICY ?= auto
 SEED ?=
 DEMO_OPTS ?=
 demo: venv
-	@policy=$(DEMO_WAIT_POLICY); \
-	if [ "$$policy" = auto ]; then policy=$$($(PY) dev/demo_cpu.py) || exit 1; fi; \
+	@policy=$$($(PY) dev/demo_cpu.py --policy "$(DEMO_WAIT_POLICY)") || exit 1; \
 	mkdir -p $(DEMO_OUT) && echo $$policy > $(DEMO_OUT)/wait_policy.txt; \
 	start=$$(date +%s); \
 	OMP_NUM_THREADS=$(DEMO_THREADS) OMP_WAIT_POLICY=$$policy $(PY) tools/train_net.py --config-file $(DEMO_CONFIG) \

@@ -12,9 +12,10 @@ every digit with both policies):
   turns with that work (2.11 instead of 1.23 s per iteration with both cores busy, 1.36
   instead of 0.89 with one).
 
-Prints the policy on stdout and the reason on stderr::
+Prints the policy on stdout and the reason on stderr; ``--policy`` is ``make demo``'s
+``DEMO_WAIT_POLICY`` (auto, the default, or a policy to use as given)::
 
-    OMP_WAIT_POLICY=$(python dev/demo_cpu.py) python tools/train_net.py ...
+    OMP_WAIT_POLICY=$(python dev/demo_cpu.py --policy auto) python tools/train_net.py ...
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from mabn_d2.cli import float_at_least
-
 # A core counts as free when it was idle for at least this share of the sampling interval.
 FREE_SHARE = 0.75
+POLICIES = ("ACTIVE", "PASSIVE")
 
 
 def allowed_cpus() -> list[int]:
@@ -71,11 +71,27 @@ def choose_wait_policy(shares: Sequence[float]) -> str:
     return "ACTIVE" if sum(shares) >= len(shares) - (1 - FREE_SHARE) else "PASSIVE"
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0.1:
+        raise argparse.ArgumentTypeError(f"must be at least 0.1, got {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float_at_least(0.1), default=1.0,
+    parser.add_argument("--policy", default="auto",
+                        help="auto (choose from the cores' load), ACTIVE or PASSIVE")
+    parser.add_argument("--seconds", type=_seconds, default=1.0,
                         help="how long to watch the CPUs (default 1)")
     args = parser.parse_args(argv)
+    if args.policy.upper() in POLICIES:
+        print(args.policy.upper())
+        return 0
+    if args.policy.lower() != "auto":
+        print(f"DEMO_WAIT_POLICY={args.policy}: must be auto, ACTIVE or PASSIVE "
+              "(e.g. make demo DEMO_WAIT_POLICY=PASSIVE)", file=sys.stderr)
+        return 2
     cpus = allowed_cpus()
     try:
         shares = idle_shares(cpus, args.seconds)

@@ -36,3 +36,11 @@ def test_main_prints_the_policy_and_the_reason(capsys):
     out, err = capsys.readouterr()
     assert out.strip() in {"ACTIVE", "PASSIVE"}
     assert err.startswith(f"demo: OMP_WAIT_POLICY={out.strip()} (")
+
+
+def test_a_given_policy_is_used_as_given_and_a_bad_one_names_the_make_variable(capsys):
+    assert demo_cpu.main(["--policy", "passive"]) == 0
+    assert capsys.readouterr().out == "PASSIVE\n"
+    assert demo_cpu.main(["--policy", "fast"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "DEMO_WAIT_POLICY=fast: must be auto, ACTIVE or PASSIVE" in err
