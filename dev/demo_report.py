@@ -5,7 +5,7 @@ The expected numbers live in one place, ``configs/demo/expected_results.json``: 
 mask AP and the wall time of ``make demo`` for several seeds, with the thread count, OpenMP
 wait policy and stack they were measured on (a run's time is ``null`` where other work shared
 the CPU: its AP counts, its time does not; a run's own ``"wait_policy"`` overrides the file's).
-A run's time is compared with the timed runs of its own wait policy only. The README states
+A run's time is compared only with timed runs of its thread count and wait policy. The README states
 their mean ± std (a test keeps the two the same). This tool reads the run's
 ``OUTPUT_DIR/eval_results.json`` and prints, for each number, the expected range and where the
 run falls::
@@ -153,6 +153,10 @@ def ap_section(run: Run, expected: dict) -> list[str]:
 def time_section(run: Run, expected: dict) -> list[str]:
     if run.seconds is None or not timed_runs(expected):
         return []
+    if run.threads is not None and run.threads != expected["threads"]:
+        return [f"time {_format_seconds(run.seconds)} with {_threads(run.threads)}: the "
+                f"expected time was measured with {_threads(expected['threads'])}, so it is "
+                "not compared"]
     timed = timed_runs(expected, run.wait_policy) if run.wait_policy else timed_runs(expected)
     if not timed:
         measured = sorted({str(wait_policy(expected, r)) for r in timed_runs(expected)})

@@ -50,7 +50,12 @@ def test_report_places_each_number_against_mean_and_std(tmp_path):
                           "expected range")
     assert mask.startswith("mask AP 39.0: expected 45.0 ± 2.0") and "OUTSIDE" in mask
     assert "-3.0 std, below" in mask
-    assert time.startswith("time 10 min 00 s: expected 5 min 10 s ± 10 s on a test CPU")
+    # timed with another thread count than the expected runs: not compared
+    assert time == ("time 10 min 00 s with 2 threads: the expected time was measured with "
+                    "1 thread, so it is not compared")
+    same_threads = demo_report.Run(run.output_dir, threads=1, seconds=600)
+    assert demo_report.report(same_threads, EXPECTED)[-1].startswith(
+        "time 10 min 00 s: expected 5 min 10 s ± 10 s on a test CPU")
 
 
 def test_runs_timed_beside_other_work_count_for_the_ap_not_the_time(tmp_path):
