@@ -69,7 +69,8 @@ demo: venv
 	@echo "prediction pictures: $(DEMO_OUT)/predictions/ (detections: $(DEMO_OUT)/predictions.txt)"
 	$(PY) tools/plot_training_curves.py $(DEMO_OUT)/metrics.json
 	@$(PY) dev/demo_report.py --output-dir $(DEMO_OUT) --threads $(DEMO_THREADS) \
-		--wait-policy $$(cat $(DEMO_OUT)/wait_policy.txt) \
+		--wait-policy $$(cat $(DEMO_OUT)/wait_policy.txt) --config-file $(DEMO_CONFIG) \
+		--overrides "$(DEMO_OPTS)" \
 		--seconds $$(cat $(DEMO_OUT)/train_and_evaluate_seconds.txt)
 
 # Speed/memory of MABN vs BN/GN (docs/speed.md); e.g. make benchmark BENCH_ARGS=--quick

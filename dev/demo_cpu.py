@@ -3,7 +3,7 @@
 
 The demo always uses every core this process may use (its expected AP range was measured
 so: another thread count rounds differently). Only the wait policy is chosen here, and it does
-not change the arithmetic (same threads, same work split; seeds 0 and 1 gave the same AP to
+not change the arithmetic (same threads, same work split; seeds 0-2 gave the same AP to
 every digit with both policies):
 
 - ``ACTIVE`` (threads spin between parallel regions) when the cores are idle: 0.37-0.39
@@ -26,7 +26,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-# A core counts as free when it was idle for at least this share of the sampling interval.
+# The cores count as free when their idle shares over the sampling interval add up to all but
+# (1 - FREE_SHARE) of one core: the sampler's own start-up and stray daemons stay below that.
 FREE_SHARE = 0.75
 POLICIES = ("ACTIVE", "PASSIVE")
 

@@ -41,6 +41,8 @@ class Run:
     threads: int | None = None
     seconds: float | None = None
     wait_policy: str | None = None
+    config_file: str | None = None  # the run's --config-file, as make demo passes it
+    overrides: str = ""  # the run's cfg overrides beyond SEED (make demo's DEMO_OPTS)
 
     def results(self) -> dict[str, float]:
         """``{"box_AP", "mask_AP"}`` of the run's (single) test dataset."""
@@ -188,7 +190,21 @@ Section = Callable[[Run, dict], list[str]]
 SECTIONS: list[Section] = [setting_section, ap_section, time_section]
 
 
+def same_config(run: Run, expected: dict) -> bool:
+    """Whether the run trained the config the expected results were made with (True when
+    the run does not say)."""
+    if run.config_file is None:
+        return True
+    return (REPO / run.config_file).resolve() == (REPO / expected["config"]).resolve()
+
+
 def report(run: Run, expected: dict, sections: Sequence[Section] = SECTIONS) -> list[str]:
+    if not same_config(run, expected):
+        return [f"run: {run.config_file}, SEED {run.seed()}; the expected range is of "
+                f"{expected['config']}: not compared"]
+    if run.overrides.strip():
+        return [f"run: SEED {run.seed()} with the overrides {run.overrides.strip()!r}; the "
+                "expected range is of the config's own settings: not compared"]
     return [line for section in sections for line in section(run, expected)]
 
 
@@ -199,9 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float_at_least(0.0), help="wall time of the run")
     parser.add_argument("--wait-policy", type=str.upper, choices=["ACTIVE", "PASSIVE"],
                         help="OMP_WAIT_POLICY of the run")
+    parser.add_argument("--config-file", help="the run's config (relative to the repository)")
+    parser.add_argument("--overrides", default="",
+                        help="the run's cfg overrides other than SEED (make demo's DEMO_OPTS)")
     parser.add_argument("--expected", type=Path, default=EXPECTED_FILE)
     args = parser.parse_args(argv)
-    run = Run(args.output_dir, args.threads, args.seconds, args.wait_policy)
+    run = Run(args.output_dir, args.threads, args.seconds, args.wait_policy, args.config_file,
+              args.overrides)
     if not (run.output_dir / "eval_results.json").is_file():
         print(f"demo report: no {run.output_dir / 'eval_results.json'}: did the run finish?")
         return 1

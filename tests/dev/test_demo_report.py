@@ -92,6 +92,23 @@ def test_time_is_compared_with_runs_of_the_same_wait_policy(tmp_path):
         "holds the cores), so it is not compared" in busy
 
 
+def test_a_run_of_another_config_is_not_compared(tmp_path):
+    loaded = {**EXPECTED, "config": "configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml"}
+    directory = _run_dir(tmp_path, 39.0, 38.0, seed=1)
+    other = demo_report.Run(directory, threads=1, seconds=600,
+                            config_file="configs/demo/mask_rcnn_R_18_FPN_demo_mabn_paper.yaml")
+    assert demo_report.report(other, loaded) == [
+        "run: configs/demo/mask_rcnn_R_18_FPN_demo_mabn_paper.yaml, SEED 1; the expected "
+        "range is of configs/demo/mask_rcnn_R_18_FPN_demo_mabn.yaml: not compared"]
+    same = demo_report.Run(directory, threads=1, seconds=600,
+                           config_file=str(REPO / loaded["config"]))  # absolute: the same file
+    assert any(line.startswith("box AP 39.0") for line in demo_report.report(same, loaded))
+    shorter = demo_report.Run(directory, overrides=" SOLVER.MAX_ITER 100 ")
+    assert demo_report.report(shorter, loaded) == [
+        "run: SEED 1 with the overrides 'SOLVER.MAX_ITER 100'; the expected range is of the "
+        "config's own settings: not compared"]
+
+
 def test_seed_lists_name_consecutive_seeds_as_ranges():
     runs = [{"seed": s} for s in (0, 1, 2, 5, 7, 8)]
     assert demo_report._seed_list(runs) == "0-2, 5, 7, 8"
