@@ -52,7 +52,9 @@ test-fast: venv
 # when other work holds them (spinning threads then stall: dev/demo_cpu.py has the numbers).
 DEMO_THREADS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || nproc)
 DEMO_WAIT_POLICY ?= auto
-# e.g. make demo SEED=1 (default: the config's SEED 0); DEMO_OPTS: more cfg overrides.
+# e.g. make demo SEED=1 (default: the config's SEED 0); DEMO_OPTS: more cfg overrides, shell-quoted
+# where needed (DEMO_OPTS="SOLVER.MAX_ITER 300 SOLVER.STEPS '(200,)'"); such a run is not placed in
+# the expected range (dev/demo_report.py).
 SEED ?=
 DEMO_OPTS ?=
 demo: venv
