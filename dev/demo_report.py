@@ -159,7 +159,7 @@ def time_section(run: Run, expected: dict) -> list[str]:
         return [f"time {_format_seconds(run.seconds)} with {_threads(run.threads)}: the "
                 f"expected time was measured with {_threads(expected['threads'])}, so it is "
                 "not compared"]
-    timed = timed_runs(expected, run.wait_policy) if run.wait_policy else timed_runs(expected)
+    timed = timed_runs(expected, run.wait_policy)
     if not timed:
         measured = sorted({str(wait_policy(expected, r)) for r in timed_runs(expected)})
         return [f"time {_format_seconds(run.seconds)} with OMP_WAIT_POLICY={run.wait_policy}: "
